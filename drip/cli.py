@@ -1,0 +1,386 @@
+"""The `drip` command line (DESIGN §5). Each command parses, makes one call into the domain inside
+one transaction, and prints. Exit codes: 0 done, 1 a user error (message on stderr naming the fix),
+2 a usage error. Every DripError becomes its message here, in one place.
+"""
+
+from __future__ import annotations
+
+import getpass
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from drip import __version__, csvimport, db, enrolment
+from drip.campaigns import Campaign, load_all, load_campaign
+from drip.errors import CsvError, DripError, InputError
+from drip.models import Enrolment, Patient
+from drip.output import console, echo_json, table
+from drip.patients import check_patient
+from drip.settings import Settings
+from drip.timeline import timeline as build_timeline
+
+T = TypeVar("T")
+
+
+@dataclass
+class App:
+    """What every command needs, made on first use so that `--help` works with a bad environment."""
+
+    environ: dict[str, str] | None = None
+    actor: str = field(default_factory=lambda: f"cli:{_user()}")
+
+    @cached_property
+    def settings(self) -> Settings:
+        return Settings.from_env(self.environ)
+
+    @cached_property
+    def engine(self) -> Engine:
+        engine = db.make_engine(self.settings.database_url)
+        return engine
+
+    def now(self) -> datetime:
+        return self.settings.clock().now()
+
+    def campaign(self, slug: str) -> Campaign:
+        return load_campaign(self.settings.templates_dir, slug)
+
+    def planner(self, slug: str, now: datetime | None = None) -> enrolment.Planner:
+        return enrolment.Planner(self.campaign(slug), self.settings.send_window, now or self.now())
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        db.require_current_schema(self.engine)
+        with db.transaction(self.engine) as session:
+            yield session
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+class DripGroup(click.Group):
+    """Turns a DripError (or a database that cannot be reached) into a message and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DripError as e:
+            raise click.ClickException(str(e)) from None
+        except IntegrityError:
+            raise click.ClickException(
+                "another process changed the same patient at the same moment; nothing was "
+                "written; run the command again"
+            ) from None
+        except OperationalError as e:
+            raise click.ClickException(f"database error, nothing was written: {e.orig}") from None
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+@click.group(cls=DripGroup)
+@click.version_option(__version__, prog_name="drip")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """drip: timed onboarding emails for new patients of a ketamine-therapy clinic."""
+    ctx.obj = ctx.obj or App()
+
+
+def main() -> None:
+    cli(prog_name="drip")
+
+
+# --- database ---------------------------------------------------------------------------------
+
+
+@cli.group("db")
+def db_group() -> None:
+    """The database schema."""
+
+
+@db_group.command("upgrade")
+@pass_app
+def db_upgrade(app: App) -> None:
+    """Create the schema, or bring it up to date (Alembic migrations)."""
+    db.upgrade(app.engine)
+    current, _ = db.schema_revision(app.engine)
+    url = app.engine.url.render_as_string(hide_password=True)
+    click.echo(f"database {url} is at revision {current} (newest)")
+
+
+# --- enrolling --------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("email", required=False)
+@click.option("--campaign", required=True, help="Campaign slug, e.g. ketamine-onboarding.")
+@click.option("--first-name", help="The name the patient goes by.")
+@click.option("--last-name")
+@click.option("--timezone", help="IANA zone, e.g. America/Chicago (default: the clinic's).")
+@click.option("--first-session", help="ISO date or date-time in the patient's zone.")
+@click.option(
+    "--csv",
+    "csv_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Enrol everyone in a CSV (email,first_name,last_name,timezone,first_session).",
+)
+@click.option(
+    "--skip-invalid", is_flag=True, help="With --csv: enrol the valid rows, list the rest."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@pass_app
+def enroll(
+    app: App,
+    email: str | None,
+    campaign: str,
+    first_name: str | None,
+    last_name: str | None,
+    timezone: str | None,
+    first_session: str | None,
+    csv_path: Path | None,
+    skip_invalid: bool,
+    as_json: bool,
+) -> None:
+    """Enrol one patient (EMAIL), or every row of a CSV (--csv FILE), in a campaign."""
+    if csv_path is not None:
+        if email or first_name or last_name or timezone or first_session:
+            raise click.UsageError("give either EMAIL with its options, or --csv FILE, not both")
+        _enroll_csv(app, csv_path, campaign, skip_invalid, as_json)
+        return
+    if not email:
+        raise click.UsageError("give the patient's EMAIL, or --csv FILE")
+    if first_name is None:
+        raise click.UsageError("--first-name is required when enrolling one patient")
+    fields = {
+        "email": email,
+        "first_name": first_name,
+        "last_name": last_name or "",
+        "timezone": timezone or "",
+        "first_session": first_session or "",
+    }
+    planner = app.planner(campaign)
+    checked = check_patient(fields, default_timezone=app.settings.clinic_timezone, now=planner.now)
+    if isinstance(checked, list):
+        raise DripError("cannot enrol:\n" + "\n".join(f"  {e}" for e in checked))
+    with app.transaction() as session:
+        counts = enrolment.enrol(session, planner, [checked], actor=app.actor)
+    if as_json:
+        echo_json(
+            {
+                "enrolled": counts.enrolled,
+                "already_enrolled": counts.already,
+                "enrolment_ids": counts.enrolment_ids,
+            }
+        )
+    elif counts.enrolled:
+        click.echo(
+            f"enrolled in {campaign} (enrolment {counts.enrolment_ids[0]}); "
+            f"see `drip timeline {checked.email}`"
+        )
+    else:
+        click.echo(f"already enrolled in {campaign}; nothing changed")
+
+
+def _enroll_csv(app: App, path: Path, campaign: str, skip_invalid: bool, as_json: bool) -> None:
+    if str(path) != "-" and not path.is_file():
+        raise InputError("--csv", f"{path} does not exist or is not a file")
+    planner = app.planner(campaign)
+    report = csvimport.CsvReport()
+    stream = sys.stdin if str(path) == "-" else path.open(encoding="utf-8-sig", newline="")
+    total = csvimport.count_lines(path) if str(path) != "-" else None
+    with stream, _progress(total) as advance, app.transaction() as session:
+        rows = csvimport.patients_from_csv(
+            stream,
+            report,
+            default_timezone=app.settings.clinic_timezone,
+            now=planner.now,
+            skip_invalid=skip_invalid,
+        )
+        counts = enrolment.enrol(session, planner, rows, actor=app.actor, progress=advance)
+        if report.problems and not skip_invalid:
+            raise CsvError(report.problems, report.bad_rows)
+    summary = {
+        "rows": report.rows,
+        "enrolled": counts.enrolled,
+        "already_enrolled": counts.already,
+        "refused": report.bad_rows,
+    }
+    if as_json:
+        echo_json(summary | {"problems": [p.__dict__ for p in report.problems]})
+        return
+    for problem in report.problems:
+        click.echo(f"refused {problem}", err=True)
+    click.echo(
+        f"enrolled {counts.enrolled}, already enrolled {counts.already}, "
+        f"refused {report.bad_rows} (of {report.rows} rows)"
+    )
+
+
+@contextmanager
+def _progress(total: int | None) -> Iterator[Callable[[int], None]]:
+    """A progress bar on a terminal; nothing when output is piped."""
+    if not sys.stderr.isatty():
+        yield lambda _n: None
+        return
+    from rich.progress import Progress
+
+    with Progress(console=console(stderr=True), transient=True) as bar:
+        task = bar.add_task("enrolling", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+# --- one patient's plan -----------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("email")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def timeline(app: App, email: str, as_json: bool) -> None:
+    """Every planned email of a patient: step, due time in their zone and in UTC, state."""
+    with app.transaction() as session:
+        patient = enrolment.find_patient(session, email)
+        campaigns = {c.slug: c for c in load_all(app.settings.templates_dir)}
+        entries = build_timeline(session, patient, campaigns)
+        tz = patient.timezone
+    if as_json:
+        echo_json([e.as_json() for e in entries])
+        return
+    if not entries:
+        click.echo("no planned emails")
+        return
+    table(
+        ["campaign", "step", "state", f"local time ({tz})", "UTC", "note"],
+        [
+            [
+                e.campaign,
+                e.step,
+                e.state,
+                f"{e.local_time:%a %Y-%m-%d %H:%M %Z}" if e.local_time else "-",
+                f"{e.due_at:%Y-%m-%d %H:%M}" if e.due_at else "-",
+                e.note or "",
+            ]
+            for e in entries
+        ],
+    )
+
+
+def _change(
+    app: App, email: str, campaign: str | None, change: Callable[[Session, Enrolment, Patient], T]
+) -> T:
+    with app.transaction() as session:
+        patient = enrolment.find_patient(session, email)
+        chosen = enrolment.open_enrolment(session, patient, campaign)
+        return change(session, chosen, patient)
+
+
+campaign_option = click.option("--campaign", help="Which enrolment, if the patient has several.")
+
+
+@cli.command()
+@click.argument("email")
+@campaign_option
+@pass_app
+def pause(app: App, email: str, campaign: str | None) -> None:
+    """Hold every unsent email of a patient until `drip resume`."""
+    now = app.now()
+    changed = _change(
+        app, email, campaign, lambda s, e, p: enrolment.pause(s, e, now=now, actor=app.actor)
+    )
+    click.echo("paused" if changed else "already paused; nothing changed")
+
+
+@cli.command()
+@click.argument("email")
+@campaign_option
+@pass_app
+def resume(app: App, email: str, campaign: str | None) -> None:
+    """Let a paused patient's emails flow again; late ones follow their step's late policy."""
+    now = app.now()
+    changed = _change(
+        app,
+        email,
+        campaign,
+        lambda s, e, p: enrolment.resume(
+            s, e, app.planner(e.campaign, now), p.timezone, actor=app.actor
+        ),
+    )
+    click.echo(
+        "resumed; see `drip timeline` for the new times"
+        if changed
+        else "not paused; nothing changed"
+    )
+
+
+@cli.command()
+@click.argument("email")
+@click.option("--first-session", required=True, help="ISO date or date-time, patient's zone.")
+@campaign_option
+@pass_app
+def reschedule(app: App, email: str, first_session: str, campaign: str | None) -> None:
+    """Set or move the first session; every step not yet sent is planned again."""
+    now = app.now()
+    when = _change(
+        app,
+        email,
+        campaign,
+        lambda s, e, p: enrolment.reschedule(
+            s, e, app.planner(e.campaign, now), p.timezone, first_session, actor=app.actor
+        ),
+    )
+    click.echo(f"first session set to {when}; see `drip timeline` for the new times")
+
+
+@cli.command()
+@click.argument("email")
+@campaign_option
+@pass_app
+def unenroll(app: App, email: str, campaign: str | None) -> None:
+    """End a patient's enrolment; every email not yet on its way is cancelled."""
+    now = app.now()
+    cancelled = _change(
+        app, email, campaign, lambda s, e, p: enrolment.unenrol(s, e, now=now, actor=app.actor)
+    )
+    click.echo(f"unenrolled; {cancelled} planned email(s) cancelled")
+
+
+# --- campaigns --------------------------------------------------------------------------------
+
+
+@cli.group()
+def campaigns() -> None:
+    """The campaigns in DRIP_TEMPLATES_DIR."""
+
+
+@campaigns.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def campaigns_list(app: App, as_json: bool) -> None:
+    """Every campaign with its steps in order."""
+    found = load_all(app.settings.templates_dir)
+    if as_json:
+        echo_json(
+            [
+                {"slug": c.slug, "name": c.name, "description": c.description, "steps": c.step_keys}
+                for c in found
+            ]
+        )
+        return
+    table(["slug", "name", "steps"], [[c.slug, c.name, " → ".join(c.step_keys)] for c in found])
+
+
+if __name__ == "__main__":
+    main()

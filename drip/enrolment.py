@@ -1,0 +1,337 @@
+"""Enrolling patients in a campaign and changing their plans: pause, resume, reschedule, unenrol.
+
+Every function takes the session of the caller's transaction and the time `now`; none commits.
+Enrolling writes the patient, the enrolment and one delivery row per step of the campaign at once
+(DESIGN §1). Later changes touch only rows not yet taken by a ticker, each with a conditional
+UPDATE, so a change racing a ticker never un-claims a row that is already on its way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from itertools import islice
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, and_, case, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from drip import events
+from drip.campaigns import Campaign
+from drip.errors import InputError, NotFound
+from drip.models import (
+    ACTIVE,
+    CANCELLED,
+    DELIVERIES,
+    ENDED,
+    ENROLMENTS,
+    PATIENTS,
+    PAUSED,
+    RETRY,
+    SCHEDULED,
+    SKIPPED,
+    WAITING_STATES,
+    Delivery,
+    Enrolment,
+    Patient,
+)
+from drip.patients import PatientInput, check_first_session, email_key, zone
+from drip.planning import FirstSession, Plan, SendWindow, plan_step
+
+CHUNK = 1000
+STALE = "stale"
+# Rows a change of plan may still move: not yet claimed, or skipped only for being late.
+REPLANNABLE = or_(
+    Delivery.state.in_(WAITING_STATES),
+    and_(Delivery.state == SKIPPED, Delivery.last_error == STALE),
+)
+
+
+@dataclass
+class EnrolCounts:
+    """What an enrolment run did."""
+
+    enrolled: int = 0
+    already: int = 0
+    enrolment_ids: list[int] = field(default_factory=list)  # kept for small runs only
+
+
+@dataclass(frozen=True)
+class Planner:
+    """Plans every step of one campaign for patients enrolled at one instant."""
+
+    campaign: Campaign
+    window: SendWindow
+    now: datetime
+
+    def plans(
+        self, tz: str, enrolled_at: datetime, first_session: FirstSession | None
+    ) -> list[tuple[str, Plan]]:
+        return [
+            (
+                step.key,
+                plan_step(
+                    step,
+                    zone=zone(tz),
+                    enrolled_at=enrolled_at,
+                    first_session=first_session,
+                    window=self.window,
+                    now=self.now,
+                ),
+            )
+            for step in self.campaign.steps
+        ]
+
+
+def enrol(
+    session: Session,
+    planner: Planner,
+    patients: Iterable[PatientInput],
+    *,
+    actor: str,
+    progress: Callable[[int], None] | None = None,
+) -> EnrolCounts:
+    """Enrol each patient not already actively enrolled in the campaign, in chunks."""
+    counts = EnrolCounts()
+    cache: dict[tuple[str, FirstSession | None], list[tuple[str, Plan]]] = {}
+    for chunk in _chunks(patients, CHUNK):
+        _enrol_chunk(session, planner, chunk, actor, counts, cache)
+        if progress:
+            progress(len(chunk))
+    return counts
+
+
+def _enrol_chunk(
+    session: Session,
+    planner: Planner,
+    chunk: list[PatientInput],
+    actor: str,
+    counts: EnrolCounts,
+    cache: dict[tuple[str, FirstSession | None], list[tuple[str, Plan]]],
+) -> None:
+    now, slug = planner.now, planner.campaign.slug
+    by_key = {p.email_key: p for p in chunk}
+    ids = _patient_ids(session, list(by_key.values()), now)
+    already = set(
+        session.scalars(
+            select(Enrolment.patient_id).where(
+                Enrolment.patient_id.in_(ids.values()),
+                Enrolment.campaign == slug,
+                Enrolment.status != ENDED,
+            )
+        )
+    )
+    todo = [p for key, p in by_key.items() if ids[key] not in already]
+    counts.already += len(chunk) - len(todo)
+    if not todo:
+        return
+    rows = session.execute(
+        insert(ENROLMENTS).returning(Enrolment.id, Enrolment.patient_id),
+        [_enrolment_row(ids[p.email_key], slug, p, now) for p in todo],
+    ).all()
+    by_patient = {p_id: e_id for e_id, p_id in rows}
+    deliveries: list[dict[str, Any]] = []
+    logged: list[dict[str, Any]] = []
+    for p in todo:
+        patient_id = ids[p.email_key]
+        enrolment_id = by_patient[patient_id]
+        key = (p.timezone, p.first_session)
+        if key not in cache:
+            cache[key] = planner.plans(p.timezone, now, p.first_session)
+        deliveries.extend(_delivery_row(enrolment_id, k, plan, now) for k, plan in cache[key])
+        logged.append(
+            events.event_row(now, actor, "enrolled", patient_id, enrolment_id, None, slug)
+        )
+    session.execute(insert(DELIVERIES), deliveries)
+    events.record_many(session, logged)
+    counts.enrolled += len(todo)
+    if len(counts.enrolment_ids) < 100:
+        counts.enrolment_ids.extend(by_patient[ids[p.email_key]] for p in todo[:100])
+
+
+def _patient_ids(session: Session, chunk: list[PatientInput], now: datetime) -> dict[str, int]:
+    """Email key → patient id, creating the patients not seen before."""
+    keys = [p.email_key for p in chunk]
+    ids = dict(
+        session.execute(
+            select(Patient.email_key, Patient.id).where(Patient.email_key.in_(keys))
+        ).all()
+    )
+    new = [p for p in chunk if p.email_key not in ids]
+    if new:
+        created = session.execute(
+            insert(PATIENTS).returning(Patient.email_key, Patient.id),
+            [_patient_row(p, now) for p in new],
+        )
+        ids.update(created.all())
+    return ids
+
+
+def _patient_row(p: PatientInput, now: datetime) -> dict[str, Any]:
+    return {
+        "email": p.email,
+        "email_key": p.email_key,
+        "first_name": p.first_name,
+        "last_name": p.last_name,
+        "timezone": p.timezone,
+        "created_at": now,
+    }
+
+
+def _enrolment_row(patient_id: int, slug: str, p: PatientInput, now: datetime) -> dict[str, Any]:
+    return {
+        "patient_id": patient_id,
+        "campaign": slug,
+        "status": ACTIVE,
+        "enrolled_at": now,
+        "first_session_on": p.first_session.on if p.first_session else None,
+        "first_session_at": p.first_session.at if p.first_session else None,
+    }
+
+
+def _delivery_row(enrolment_id: int, step_key: str, plan: Plan, now: datetime) -> dict[str, Any]:
+    return {
+        "enrolment_id": enrolment_id,
+        "step_key": step_key,
+        "state": plan.state,
+        "due_at": plan.due_at,
+        "attempts": 0,
+        "last_error": plan.reason,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def _chunks(items: Iterable[PatientInput], size: int) -> Iterator[list[PatientInput]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+# --- looking up -------------------------------------------------------------------------------
+
+
+def find_patient(session: Session, email: str) -> Patient:
+    patient = session.scalar(select(Patient).where(Patient.email_key == email_key(email)))
+    if patient is None:
+        raise NotFound(f"no patient with the address {email!r}; check it, or enrol them first")
+    return patient
+
+
+def open_enrolment(session: Session, patient: Patient, campaign: str | None) -> Enrolment:
+    """The patient's active or paused enrolment; --campaign picks one when there are several."""
+    query = select(Enrolment).where(Enrolment.patient_id == patient.id, Enrolment.status != ENDED)
+    if campaign:
+        query = query.where(Enrolment.campaign == campaign)
+    found = list(session.scalars(query.order_by(Enrolment.id)))
+    if not found:
+        where = f" in {campaign!r}" if campaign else ""
+        raise NotFound(f"patient {patient.id} is not enrolled{where}; see `drip timeline`")
+    if len(found) > 1:
+        slugs = ", ".join(e.campaign for e in found)
+        raise InputError("--campaign", f"patient {patient.id} is enrolled in {slugs}; name one")
+    return found[0]
+
+
+# --- changing a plan --------------------------------------------------------------------------
+
+
+def pause(session: Session, enrolment: Enrolment, *, now: datetime, actor: str) -> bool:
+    """Hold every unsent email; False if it was paused already."""
+    if enrolment.status == PAUSED:
+        return False
+    enrolment.status, enrolment.paused_at = PAUSED, now
+    _log(session, enrolment, now, actor, "paused")
+    return True
+
+
+def resume(
+    session: Session, enrolment: Enrolment, planner: Planner, tz: str, *, actor: str
+) -> bool:
+    """Let emails flow again; steps that fell due meanwhile follow their late policy."""
+    if enrolment.status == ACTIVE:
+        return False
+    enrolment.status, enrolment.paused_at = ACTIVE, None
+    replan(session, enrolment, planner, tz)
+    _log(session, enrolment, planner.now, actor, "resumed")
+    return True
+
+
+def reschedule(
+    session: Session,
+    enrolment: Enrolment,
+    planner: Planner,
+    tz: str,
+    first_session: str,
+    *,
+    actor: str,
+) -> FirstSession:
+    """Set or move the first session and re-plan every step not yet sent."""
+    session_at = check_first_session(first_session, tz, planner.now)
+    if session_at is None:
+        raise InputError("--first-session", "is empty; give a date like 2026-12-03")
+    enrolment.first_session_on, enrolment.first_session_at = session_at.on, session_at.at
+    replan(session, enrolment, planner, tz)
+    _log(session, enrolment, planner.now, actor, "rescheduled")
+    return session_at
+
+
+def unenrol(session: Session, enrolment: Enrolment, *, now: datetime, actor: str) -> int:
+    """End the enrolment and cancel every email not yet claimed; returns how many."""
+    enrolment.status, enrolment.ended_at, enrolment.ended_reason = ENDED, now, "unenrolled"
+    result = session.execute(
+        update(Delivery)
+        .where(Delivery.enrolment_id == enrolment.id, Delivery.state.in_(WAITING_STATES))
+        .values(state=CANCELLED, lease_until=None, updated_at=now)
+    )
+    cancelled = cast(CursorResult[Any], result).rowcount
+    _log(session, enrolment, now, actor, "unenrolled", f"cancelled={cancelled}")
+    return cancelled
+
+
+def replan(session: Session, enrolment: Enrolment, planner: Planner, tz: str) -> None:
+    """Plan again every step of the enrolment that has not been claimed or sent."""
+    first = (
+        FirstSession(enrolment.first_session_on, enrolment.first_session_at)
+        if enrolment.first_session_on
+        else None
+    )
+    for step_key, plan in planner.plans(tz, enrolment.enrolled_at, first):
+        session.execute(
+            update(Delivery)
+            .where(
+                Delivery.enrolment_id == enrolment.id, Delivery.step_key == step_key, REPLANNABLE
+            )
+            .values(
+                state=plan.state if plan.state == SKIPPED else _waiting_state(),
+                due_at=plan.due_at,
+                last_error=plan.reason,
+                lease_until=None,
+                updated_at=planner.now,
+            )
+        )
+
+
+def _waiting_state() -> Any:
+    """Keep RETRY rows in RETRY (their attempts count), everything else becomes SCHEDULED."""
+    return case((Delivery.state == RETRY, RETRY), else_=SCHEDULED)
+
+
+def _log(
+    session: Session,
+    enrolment: Enrolment,
+    now: datetime,
+    actor: str,
+    kind: str,
+    detail: str | None = None,
+) -> None:
+    events.record(
+        session,
+        at=now,
+        actor=actor,
+        kind=kind,
+        patient_id=enrolment.patient_id,
+        enrolment_id=enrolment.id,
+        detail=detail,
+    )

@@ -1,0 +1,161 @@
+"""Planning: when each step of a campaign falls due for one patient.
+
+Pure functions of their arguments (no database, no clock): the caller passes `now`. Local times are
+the patient's, through zoneinfo, so DST shifts are handled: a wall-clock time that does not exist
+(spring forward) moves forward by the gap; one that happens twice (fall back) takes the first.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from drip.campaigns import Step
+
+_DURATION = re.compile(r"^(?P<sign>[+-])?(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?$")
+_HHMM = re.compile(r"^(\d{1,2}):(\d{2})$")
+
+
+def parse_duration(text: str) -> timedelta:
+    """'+1d', '-2d', '36h', '1d12h', '0d' → timedelta. Raises ValueError."""
+    match = _DURATION.match(text.strip())
+    if not match or not any(match.group(g) for g in "dhm"):
+        raise ValueError(f"{text!r} is not a duration like +1d, -2d, 36h or 1d12h")
+    value = timedelta(
+        days=int(match["d"] or 0), hours=int(match["h"] or 0), minutes=int(match["m"] or 0)
+    )
+    return -value if match["sign"] == "-" else value
+
+
+def parse_clock_time(text: str) -> time:
+    """'09:30' → time(9, 30). Raises ValueError."""
+    match = _HHMM.match(text.strip())
+    if not match or int(match[1]) > 23 or int(match[2]) > 59:
+        raise ValueError(f"{text!r} is not a time of day like 09:30")
+    return time(int(match[1]), int(match[2]))
+
+
+def local_to_utc(day: date, at: time, zone: tzinfo) -> datetime:
+    """The instant a wall clock in `zone` shows `at` on `day` (fold=0 for DST edge cases)."""
+    return datetime.combine(day, at, tzinfo=zone).astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class SendWindow:
+    """The local hours when email may leave, e.g. 09:00-19:00; 00:00-24:00 means always."""
+
+    start: int  # minutes after local midnight
+    end: int  # minutes after local midnight, up to 1440
+
+    @classmethod
+    def parse(cls, text: str) -> SendWindow:
+        try:
+            first, last = text.strip().split("-")
+            start = parse_clock_time(first)
+            end_minutes = 1440 if last.strip() == "24:00" else _minutes(parse_clock_time(last))
+        except ValueError:
+            raise ValueError(
+                "use local hours like 09:00-19:00 (00:00-24:00 means always)"
+            ) from None
+        if end_minutes <= _minutes(start):
+            raise ValueError(
+                "the window must end after it starts on the same day, e.g. 09:00-19:00"
+            )
+        return cls(_minutes(start), end_minutes)
+
+    @property
+    def always(self) -> bool:
+        return self.start == 0 and self.end == 1440
+
+    def __str__(self) -> str:
+        return (
+            f"{self.start // 60:02d}:{self.start % 60:02d}-{self.end // 60:02d}:{self.end % 60:02d}"
+        )
+
+    def contains(self, instant: datetime, zone: tzinfo) -> bool:
+        local = instant.astimezone(zone)
+        minute = local.hour * 60 + local.minute
+        return self.always or self.start <= minute < self.end
+
+    def next_open(self, instant: datetime, zone: tzinfo) -> datetime:
+        """`instant` if the window is open then, else the next moment it opens."""
+        if self.contains(instant, zone):
+            return instant
+        local = instant.astimezone(zone)
+        day = local.date()
+        if local.hour * 60 + local.minute >= self.end:
+            day += timedelta(days=1)
+        return local_to_utc(day, time(self.start // 60, self.start % 60), zone)
+
+
+def _hhmm(minutes: int) -> str:
+    return f"{minutes // 60:02d}:{minutes % 60:02d}"
+
+
+def _minutes(t: time) -> int:
+    return t.hour * 60 + t.minute
+
+
+@dataclass(frozen=True)
+class FirstSession:
+    """The patient's first treatment session: a local date, and a local time if known."""
+
+    on: date
+    at: time | None = None
+
+    def __str__(self) -> str:
+        return self.on.isoformat() + (f" {self.at:%H:%M}" if self.at else "")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """When one step is due (UTC), or why it is not: waiting for a date, or stale."""
+
+    state: Literal["scheduled", "skipped"]
+    due_at: datetime | None
+    reason: str | None = None  # "stale" for skipped steps
+
+
+WAITING = Plan("scheduled", None, None)
+
+
+def plan_step(
+    step: Step,
+    *,
+    zone: tzinfo,
+    enrolled_at: datetime,
+    first_session: FirstSession | None,
+    window: SendWindow,
+    now: datetime,
+) -> Plan:
+    """Due time of `step` for one patient, following its late policy when it is already late."""
+    nominal = _nominal(step, zone, enrolled_at, first_session, window)
+    if nominal is None:
+        return WAITING
+    due = window.next_open(max(nominal, now), zone)
+    if step.late == "skip" and step.skip_after is not None and due - nominal > step.skip_after:
+        return Plan("skipped", nominal, "stale")
+    return Plan("scheduled", due)
+
+
+def _nominal(
+    step: Step,
+    zone: tzinfo,
+    enrolled_at: datetime,
+    first_session: FirstSession | None,
+    window: SendWindow,
+) -> datetime | None:
+    """The instant the campaign asks for, before the send window and lateness are applied."""
+    if step.anchor == "enrolled":
+        anchor = enrolled_at.astimezone(zone)
+    elif first_session is None:
+        return None
+    else:
+        at = first_session.at or time(window.start // 60, window.start % 60)
+        anchor = local_to_utc(first_session.on, at, zone).astimezone(zone)
+    if step.send_at is None:
+        return anchor.astimezone(UTC) + step.offset
+    return local_to_utc(anchor.date() + step.offset, step.send_at, zone)

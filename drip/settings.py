@@ -1,0 +1,207 @@
+"""Settings: every DRIP_* variable, read once at an entry point into a frozen object passed down.
+
+Nothing below the entry points reads os.environ. A malformed value is a ConfigError that names the
+variable and says what a good value looks like.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+from email.headerregistry import Address
+from email.utils import parseaddr
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from drip.clock import Clock, parse_instant
+from drip.errors import ConfigError
+from drip.planning import SendWindow
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+Parser = Callable[[str, str], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole configuration of one drip process (DESIGN §4)."""
+
+    database_url: str = "sqlite:///var/drip.db"
+    broker_url: str | None = None  # None: start a private Redis under var_dir
+    mail_url: str = "file://var/outbox"
+    secret_key: str = ""
+    public_url: str = "http://127.0.0.1:8025"
+    from_address: str = "Lakeside Ketamine Clinic (demo) <care@clinic.example>"
+    send_window: SendWindow = SendWindow.parse("09:00-19:00")
+    now: datetime | None = None
+    lease_seconds: int = 300
+    templates_dir: Path = PROJECT_ROOT / "templates" / "emails"
+    clinic_name: str = "Lakeside Ketamine Clinic (demo)"
+    clinic_address: str = "100 Example Street, Suite 200, Springfield, ST 00000 (demo address)"
+    clinic_phone: str = "+1 555 0100 (demo number)"
+    clinic_timezone: str = "America/New_York"
+    tick_seconds: float = 5.0
+    batch_size: int = 100
+    var_dir: Path = Path("var")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every DRIP_* variable; raise ConfigError naming the first bad one."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, parse in _PARSERS.items():
+            raw = env.get(name, "").strip()
+            if raw:
+                values.update(parse(name, raw))
+        settings = replace(cls(), **values)
+        if not settings.secret_key:
+            settings = replace(settings, secret_key=_stored_secret(settings.var_dir))
+        return settings
+
+    def clock(self) -> Clock:
+        return Clock(self.now)
+
+    @property
+    def uses_embedded_broker(self) -> bool:
+        return self.broker_url is None
+
+
+def _stored_secret(var_dir: Path) -> str:
+    """The key generated once into var/ when DRIP_SECRET_KEY is not set."""
+    path = var_dir / "secret_key"
+    if path.exists():
+        return path.read_text().strip()
+    var_dir.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+def _url(field: str, schemes: tuple[str, ...], example: str) -> Parser:
+    def parse(name: str, raw: str) -> dict[str, Any]:
+        scheme = raw.split(":", 1)[0].lower() if ":" in raw else ""
+        base = scheme.split("+", 1)[0]
+        if base not in schemes:
+            raise ConfigError(
+                f"{name}={raw.split('@')[-1]!r} is not a {'/'.join(schemes)} URL; "
+                f"set it like {example}"
+            )
+        parts = urlsplit(raw)
+        if base in ("smtp", "smtps", "redis", "rediss", "http", "https") and not parts.hostname:
+            raise ConfigError(f"{name} has no host; set it like {example}")
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ConfigError(f"{name} has a bad port; set it like {example}") from None
+        return {field: raw.rstrip("/") if field == "public_url" else raw}
+
+    return parse
+
+
+def _int(field: str, low: int, high: int) -> Parser:
+    def parse(name: str, raw: str) -> dict[str, Any]:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name}={value} is out of range; use {low} to {high}")
+        return {field: value}
+
+    return parse
+
+
+def _seconds(name: str, raw: str) -> dict[str, Any]:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds, e.g. 5") from None
+    if not 0.1 <= value <= 3600:
+        raise ConfigError(f"{name}={value} is out of range; use 0.1 to 3600 seconds")
+    return {"tick_seconds": value}
+
+
+def _window(name: str, raw: str) -> dict[str, Any]:
+    try:
+        return {"send_window": SendWindow.parse(raw)}
+    except ValueError as e:
+        raise ConfigError(f"{name}={raw!r}: {e}") from None
+
+
+def _now(name: str, raw: str) -> dict[str, Any]:
+    try:
+        return {"now": parse_instant(raw)}
+    except ValueError:
+        raise ConfigError(
+            f"{name}={raw!r} is not an ISO-8601 instant; set it like 2026-11-01T09:00:00-05:00"
+        ) from None
+
+
+def _zone(name: str, raw: str) -> dict[str, Any]:
+    try:
+        ZoneInfo(raw)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            f"{name}={raw!r} is not an IANA time zone; use a name like America/New_York"
+        ) from None
+    return {"clinic_timezone": raw}
+
+
+def _from(name: str, raw: str) -> dict[str, Any]:
+    display, addr = parseaddr(raw)
+    try:
+        Address(display_name=display, addr_spec=addr)
+    except (ValueError, IndexError):
+        display = ""
+    if not display or "@" not in addr:
+        raise ConfigError(
+            f"{name}={raw!r} needs a display name and an address, "
+            'e.g. "Lakeside Clinic <care@lakeside.example>"'
+        )
+    return {"from_address": raw}
+
+
+def _text(field: str) -> Parser:
+    def parse(name: str, raw: str) -> dict[str, Any]:
+        if any(ord(c) < 32 for c in raw):
+            raise ConfigError(f"{name} contains a control character (a newline?); use one line")
+        return {field: raw}
+
+    return parse
+
+
+def _path(field: str) -> Parser:
+    def parse(name: str, raw: str) -> dict[str, Any]:
+        return {field: Path(raw)}
+
+    return parse
+
+
+_PARSERS = {
+    "DRIP_DATABASE_URL": _url(
+        "database_url", ("sqlite", "postgresql"), "sqlite:///var/drip.db or postgresql://…"
+    ),
+    "DRIP_BROKER_URL": _url("broker_url", ("redis", "rediss"), "redis://127.0.0.1:6379/0"),
+    "DRIP_MAIL_URL": _url(
+        "mail_url", ("smtp", "smtps", "file"), "smtp://user:pass@mail.example:587"
+    ),
+    "DRIP_SECRET_KEY": _text("secret_key"),
+    "DRIP_PUBLIC_URL": _url("public_url", ("http", "https"), "https://drip.clinic.example"),
+    "DRIP_FROM": _from,
+    "DRIP_SEND_WINDOW": _window,
+    "DRIP_NOW": _now,
+    "DRIP_LEASE_SECONDS": _int("lease_seconds", 10, 86400),
+    "DRIP_TEMPLATES_DIR": _path("templates_dir"),
+    "DRIP_CLINIC_NAME": _text("clinic_name"),
+    "DRIP_CLINIC_ADDRESS": _text("clinic_address"),
+    "DRIP_CLINIC_PHONE": _text("clinic_phone"),
+    "DRIP_CLINIC_TIMEZONE": _zone,
+    "DRIP_TICK_SECONDS": _seconds,
+    "DRIP_BATCH_SIZE": _int("batch_size", 1, 10000),
+}

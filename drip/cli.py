@@ -6,6 +6,7 @@ one transaction, and prints. Exit codes: 0 done, 1 a user error (message on stde
 from __future__ import annotations
 
 import getpass
+import io
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import click
 from sqlalchemy import Engine
@@ -45,8 +46,11 @@ class App:
 
     @cached_property
     def engine(self) -> Engine:
-        engine = db.make_engine(self.settings.database_url)
-        return engine
+        return db.make_engine(self.settings.database_url)
+
+    def close(self) -> None:
+        if "engine" in self.__dict__:
+            self.engine.dispose()
 
     def now(self) -> datetime:
         return self.settings.clock().now()
@@ -97,6 +101,7 @@ pass_app = click.make_pass_decorator(App)
 def cli(ctx: click.Context) -> None:
     """drip: timed onboarding emails for new patients of a ketamine-therapy clinic."""
     ctx.obj = ctx.obj or App()
+    ctx.call_on_close(ctx.obj.close)
 
 
 def main() -> None:
@@ -199,9 +204,8 @@ def _enroll_csv(app: App, path: Path, campaign: str, skip_invalid: bool, as_json
         raise InputError("--csv", f"{path} does not exist or is not a file")
     planner = app.planner(campaign)
     report = csvimport.CsvReport()
-    stream = sys.stdin if str(path) == "-" else path.open(encoding="utf-8-sig", newline="")
     total = csvimport.count_lines(path) if str(path) != "-" else None
-    with stream, _progress(total) as advance, app.transaction() as session:
+    with _open_csv(path) as stream, _progress(total) as advance, app.transaction() as session:
         rows = csvimport.patients_from_csv(
             stream,
             report,
@@ -227,6 +231,13 @@ def _enroll_csv(app: App, path: Path, campaign: str, skip_invalid: bool, as_json
         f"enrolled {counts.enrolled}, already enrolled {counts.already}, "
         f"refused {report.bad_rows} (of {report.rows} rows)"
     )
+
+
+def _open_csv(path: Path) -> IO[str]:
+    """The file, or standard input for "-", as UTF-8 text with any BOM dropped."""
+    if str(path) == "-":
+        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", newline="")
+    return path.open(encoding="utf-8-sig", newline="")
 
 
 @contextmanager

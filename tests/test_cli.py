@@ -1,0 +1,93 @@
+"""The real `drip` executable, as a coordinator runs it: exit codes, messages, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DRIP = [sys.executable, "-m", "drip"]
+
+
+def run(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`python -m drip ARGS` in `cwd`, with no DRIP_* variable but those given."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DRIP_")}
+    return subprocess.run(
+        [*DRIP, *args], env=clean | env, cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_upgrade_enroll_and_timeline_on_a_real_database(db_url: str, tmp_path: Path) -> None:
+    env = {"DRIP_DATABASE_URL": db_url, "DRIP_NOW": "2026-10-30T14:00:00Z"}
+    assert run("db", "upgrade", env=env, cwd=tmp_path).returncode == 0
+    enrolled = run(
+        "enroll",
+        "ana@example.com",
+        "--campaign",
+        "ketamine-onboarding",
+        "--first-name",
+        "Ana",
+        "--timezone",
+        "Europe/London",
+        "--first-session",
+        "2026-11-10",
+        env=env,
+        cwd=tmp_path,
+    )
+    assert enrolled.returncode == 0, enrolled.stderr
+    shown = run("timeline", "ana@example.com", "--json", env=env, cwd=tmp_path)
+    rows = json.loads(shown.stdout)
+    assert len(rows) == 8
+    for row in rows:
+        assert {"step", "due_at", "local_time", "state"} <= set(row)
+    assert rows[0]["local_time"] == "2026-10-30T14:00:00+00:00"  # GMT in London
+
+
+def test_the_embedded_default_database_lives_under_var(tmp_path: Path) -> None:
+    env = {"DRIP_DATABASE_URL": "", "DRIP_SECRET_KEY": ""}
+    assert run("db", "upgrade", env=env, cwd=tmp_path).returncode == 0
+    assert (tmp_path / "var" / "drip.db").exists()
+
+
+def test_a_command_before_db_upgrade_says_to_run_it(tmp_path: Path) -> None:
+    result = run("timeline", "a@example.com", env={"DRIP_DATABASE_URL": ""}, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "run `drip db upgrade` first" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"DRIP_SEND_WINDOW": "late"}, "DRIP_SEND_WINDOW"),
+        ({"DRIP_DATABASE_URL": "oracle://x"}, "DRIP_DATABASE_URL"),
+        ({"DRIP_CLINIC_TIMEZONE": "Nowhere"}, "DRIP_CLINIC_TIMEZONE"),
+    ],
+)
+def test_a_bad_setting_is_exit_1_naming_the_variable(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    result = run("campaigns", "list", env=env, cwd=tmp_path)
+    assert result.returncode == 1 and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_works_even_with_a_bad_environment(tmp_path: Path) -> None:
+    result = run("enroll", "--help", env={"DRIP_SEND_WINDOW": "late"}, cwd=tmp_path)
+    assert result.returncode == 0 and "--csv" in result.stdout
+
+
+def test_an_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
+    env = {"DRIP_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
+    result = run("timeline", "a@example.com", env=env, cwd=tmp_path)
+    assert result.returncode == 1 and "cannot open the database" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_campaigns_list_json_shape(tmp_path: Path) -> None:
+    result = run("campaigns", "list", "--json", env={}, cwd=tmp_path)
+    [campaign] = json.loads(result.stdout)
+    assert campaign["slug"] == "ketamine-onboarding" and campaign["steps"][0] == "welcome"

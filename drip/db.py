@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, CursorResult, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -109,3 +109,8 @@ def require_current_schema(engine: Engine) -> None:
         raise DripError(
             f"the database schema is at {current}, this drip needs {head}; run `drip db upgrade`"
         )
+
+
+def rowcount(result: Any) -> int:
+    """Rows matched by an UPDATE/DELETE (Session.execute is typed as returning a plain Result)."""
+    return cast(CursorResult[Any], result).rowcount

@@ -12,13 +12,14 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import islice
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import CursorResult, and_, case, insert, or_, select, update
+from sqlalchemy import and_, case, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from drip import events
 from drip.campaigns import Campaign
+from drip.db import rowcount
 from drip.errors import InputError, NotFound
 from drip.models import (
     ACTIVE,
@@ -285,7 +286,7 @@ def unenrol(session: Session, enrolment: Enrolment, *, now: datetime, actor: str
         .where(Delivery.enrolment_id == enrolment.id, Delivery.state.in_(WAITING_STATES))
         .values(state=CANCELLED, lease_until=None, updated_at=now)
     )
-    cancelled = cast(CursorResult[Any], result).rowcount
+    cancelled = rowcount(result)
     _log(session, enrolment, now, actor, "unenrolled", f"cancelled={cancelled}")
     return cancelled
 

@@ -1,0 +1,588 @@
+"""Mail transports: hand one finished message to an SMTP server, a folder, or a list in memory.
+
+Why the SMTP transport speaks DATA itself: SMTP cannot deliver exactly once. Between the moment the
+message body starts going out and the server's final reply, a lost connection leaves the outcome
+unknown: the server may have queued the message and died before answering. `smtplib.sendmail`
+reports that case like any other disconnection, so a caller that retries would send twice. Here
+each failure says what the caller's retry policy should do:
+
+    TransientDeliveryError   nothing was accepted: retry later, with back-off. A 4xx reply, a
+                             refused, dropped or timed-out connection before the body went out,
+                             421 at the greeting, and every problem in setting up the session
+                             (TLS, authentication, a server that requires authentication) so
+                             that a configuration mistake delays mail instead of losing it.
+    PermanentDeliveryError   the server refused this message with a 5xx reply to MAIL, RCPT or
+                             after the body: never retry. `.bad_mailbox` (5.1.x) means the
+                             address itself is bad and should be suppressed.
+    UnknownOutcomeError      lost after the body started going out and before the final reply:
+                             the message may have been delivered. Do not resend automatically.
+
+Error messages carry the SMTP code, the enhanced status (RFC 3463) and the server's text with
+anything that looks like an address replaced by "[address]"; never the recipient or the message.
+
+Speed comes from reusing one connection for many messages (a few round trips per message, no
+parsing of the message). A transport is meant to be owned by one worker process; a lock makes
+sharing it between threads safe, and a connection inherited over fork() is never used.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import re
+import secrets
+import smtplib
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, Protocol, Self
+from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
+
+from drip.errors import (
+    ConfigError,
+    DeliveryError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+    UnknownOutcomeError,
+)
+
+log = logging.getLogger("drip.transports")
+
+TlsMode = Literal["opportunistic", "required", "implicit"]
+
+IDLE_SECONDS = 30.0  # a connection idle longer than this is checked with NOOP before reuse
+_ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
+_ADDRESS = re.compile(r"[^\s<>\"'()\[\],;:]+@[^\s<>\"'()\[\],;:]+")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+_ANY_EOL = re.compile(rb"\r\n|\n|\r")
+
+
+class Transport(Protocol):
+    """Delivers finished messages; usable as a context manager that closes it."""
+
+    def send(self, envelope_from: str, recipient: str, message: bytes) -> None:
+        """Deliver one message (bytes with CRLF line endings, headers included).
+
+        Raises TransientDeliveryError, PermanentDeliveryError or UnknownOutcomeError (see the
+        module docstring for what each means to the caller)."""
+
+    def close(self) -> None:
+        """Release the connection, if any. Sending again later reopens it."""
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+class _Closing:
+    """Context-manager support shared by the transports."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# --- choosing a transport from DRIP_MAIL_URL --------------------------------------------------
+
+
+def open_transport(url: str, *, timeout: float = 30.0) -> Transport:
+    """The transport DRIP_MAIL_URL names; nothing is connected until the first send.
+
+    smtp://[user:pass@]host[:25][?tls=required][&timeout=30]   STARTTLS whenever offered
+    smtps://[user:pass@]host[:465][?timeout=30]                implicit TLS
+    file:///abs/dir  or  file://relative/dir                   one .eml file per message
+    """
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        _options(parts, allowed=())
+        return FileTransport(_file_directory(parts))
+    if scheme in ("smtp", "smtps"):
+        return _smtp_from_url(parts, scheme, timeout)
+    raise ConfigError(
+        f"DRIP_MAIL_URL must start with smtp://, smtps:// or file:// (it starts with "
+        f"{scheme + '://' if scheme else 'no scheme'}); set it like smtp://user:pass@mail.example:587"
+    )
+
+
+def _smtp_from_url(parts: SplitResult, scheme: str, timeout: float) -> SMTPTransport:
+    options = _options(parts, allowed=("tls", "timeout"))
+    tls: TlsMode = "implicit" if scheme == "smtps" else "opportunistic"
+    if options.get("tls", "opportunistic") not in ("opportunistic", "required"):
+        raise ConfigError(
+            f"DRIP_MAIL_URL has tls={options['tls']!r}; use tls=required or leave it out"
+        )
+    if options.get("tls") == "required" and scheme == "smtp":
+        tls = "required"
+    if not parts.hostname:
+        raise ConfigError("DRIP_MAIL_URL has no host; set it like smtp://user:pass@mail.example:587")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(
+            "DRIP_MAIL_URL has a bad port; set it like smtp://mail.example:587"
+        ) from None
+    return SMTPTransport(
+        parts.hostname,
+        port or (465 if scheme == "smtps" else 25),
+        username=unquote(parts.username) if parts.username is not None else None,
+        password=unquote(parts.password or ""),
+        tls=tls,
+        timeout=_timeout(options["timeout"]) if "timeout" in options else timeout,
+    )
+
+
+def _options(parts: SplitResult, *, allowed: tuple[str, ...]) -> dict[str, str]:
+    options = dict(parse_qsl(parts.query, keep_blank_values=True))
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        known = ", ".join(allowed) or "none"
+        raise ConfigError(f"DRIP_MAIL_URL has unknown option(s) {unknown}; known: {known}")
+    return options
+
+
+def _timeout(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise ConfigError(f"DRIP_MAIL_URL has timeout={raw!r}; use seconds between 0 and 3600")
+    return value
+
+
+def _file_directory(parts: SplitResult) -> Path:
+    """file:///abs/dir is absolute; file://var/outbox (DESIGN's default) is var/outbox, relative."""
+    path = unquote(parts.netloc + parts.path)
+    if not path:
+        raise ConfigError("DRIP_MAIL_URL names no folder; set it like file://var/outbox")
+    return Path(path)
+
+
+# --- SMTP -------------------------------------------------------------------------------------
+
+
+@cache
+def _local_hostname() -> str:
+    """The EHLO name, looked up once: smtplib would call getfqdn() for every connection."""
+    return socket.getfqdn()
+
+
+class SMTPTransport(_Closing):
+    """Sends over one SMTP connection, opened on the first send and reused until it fails.
+
+    tls: "opportunistic" uses STARTTLS whenever the server offers it, "required" refuses to go on
+    without it, "implicit" is TLS from the first byte (smtps, port 465). Certificates are always
+    verified. Credentials are only ever sent over an encrypted connection.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int = 25,
+        *,
+        username: str | None = None,
+        password: str = "",
+        tls: TlsMode = "opportunistic",
+        timeout: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
+        idle_seconds: float = IDLE_SECONDS,
+    ) -> None:
+        self.host, self.port, self.tls, self.timeout = host, port, tls, timeout
+        self.idle_seconds = idle_seconds
+        self._username, self._password = username, password
+        self._ssl_context = ssl_context
+        self._smtp: smtplib.SMTP | None = None
+        self._pid = 0
+        self._last_used = 0.0
+        self._lock = threading.Lock()
+        self._where = f"{host}:{port}"
+
+    def __repr__(self) -> str:  # no credentials, ever
+        return f"SMTPTransport({self._where!r}, tls={self.tls!r})"
+
+    def send(self, envelope_from: str, recipient: str, message: bytes) -> None:
+        payload = _data_payload(message)
+        with self._lock:
+            try:
+                self._send(envelope_from, recipient, message, payload)
+            except DeliveryError:
+                raise  # the connection was already kept or dropped, as the failure required
+            except BaseException:
+                # Interrupted mid-conversation (a task time limit, a signal): the server may still
+                # be reading a message body, and the next message's commands would land in it.
+                self._drop()
+                raise
+            finally:
+                self._last_used = time.monotonic()
+
+    def close(self) -> None:
+        with self._lock:
+            smtp, self._smtp = self._smtp, None
+            if smtp is None:
+                return
+            try:
+                if self._pid == os.getpid():
+                    smtp.quit()
+            except OSError:
+                pass
+            finally:
+                smtp.close()
+
+    # one message
+
+    def _send(self, sender: str, recipient: str, message: bytes, payload: bytes) -> None:
+        smtp, fresh = self._ready()
+        try:
+            self._mail(smtp, sender, recipient, message, stale_is_possible=not fresh)
+        except _StaleConnection:
+            smtp = self._connect()
+            self._mail(smtp, sender, recipient, message, stale_is_possible=False)
+        self._command(smtp, "RCPT", lambda: smtp.rcpt(recipient))
+        self._command(smtp, "DATA", lambda: smtp.docmd("data"), expect=354)
+        self._body(smtp, payload)
+
+    def _mail(
+        self, smtp: smtplib.SMTP, sender: str, recipient: str, message: bytes,
+        *, stale_is_possible: bool,
+    ) -> None:
+        """MAIL FROM. On a reused connection, a drop or 421 here usually means the server timed
+        the idle connection out: nothing of this message went out, so try once on a fresh one."""
+        options = self._mail_options(smtp, sender, recipient, message)
+        try:
+            code, text = smtp.mail(sender, options)
+        except OSError as e:
+            if stale_is_possible:
+                raise _StaleConnection from e
+            self._drop()
+            raise TransientDeliveryError(
+                f"{self._where}: connection lost at MAIL: {_describe(e)}"
+            ) from e
+        if code == 421 and stale_is_possible:
+            raise _StaleConnection
+        self._check(smtp, "MAIL", code, text)
+
+    def _mail_options(
+        self, smtp: smtplib.SMTP, sender: str, recipient: str, message: bytes
+    ) -> list[str]:
+        options = []
+        if not (sender.isascii() and recipient.isascii()):
+            if not smtp.has_extn("smtputf8"):
+                raise PermanentDeliveryError(
+                    f"{self._where} does not offer SMTPUTF8, needed for a non-ASCII address",
+                    enhanced="5.6.7",
+                )
+            options.append("SMTPUTF8")
+        if not message.isascii() and smtp.has_extn("8bitmime"):
+            options.append("BODY=8BITMIME")
+        return options
+
+    def _command(
+        self, smtp: smtplib.SMTP, stage: str, call: Callable[[], tuple[int, bytes]],
+        *, expect: int | None = None,
+    ) -> None:
+        """One command whose failure means nothing of the message was accepted."""
+        try:
+            code, text = call()
+        except OSError as e:
+            self._drop()
+            raise TransientDeliveryError(
+                f"{self._where}: connection lost at {stage}: {_describe(e)}"
+            ) from e
+        self._check(smtp, stage, code, text, expect=expect)
+
+    def _body(self, smtp: smtplib.SMTP, payload: bytes) -> None:
+        """After the 354 reply: from here a lost connection leaves the outcome unknown."""
+        try:
+            smtp.send(payload)
+            code, text = smtp.getreply()
+        except OSError as e:
+            self._drop()
+            raise UnknownOutcomeError(
+                f"{self._where}: connection lost after the message body was sent and before "
+                f"the server's reply ({_describe(e)}); the message may have been delivered"
+            ) from e
+        if code // 100 not in (2, 4, 5):
+            self._drop()
+            raise UnknownOutcomeError(
+                f"{self._where}: unexpected reply after the message body: "
+                f"{_reply(code, text)}; the message may have been delivered"
+            )
+        self._check(smtp, "the message body", code, text)
+
+    def _check(
+        self, smtp: smtplib.SMTP, stage: str, code: int, text: bytes, *, expect: int | None = None
+    ) -> None:
+        """Return on the expected reply (any 2xx unless told); otherwise raise the refusal."""
+        if code == expect or (expect is None and 200 <= code < 300):
+            return
+        self._after_refusal(smtp, code)
+        raise _refusal(self._where, stage, code, text)
+
+    def _after_refusal(self, smtp: smtplib.SMTP, code: int) -> None:
+        """Keep the connection for the next message when the server is still talking to us."""
+        if code == 421 or code // 100 not in (4, 5):
+            self._drop()
+            return
+        try:
+            ok = smtp.rset()[0] == 250
+        except OSError:
+            ok = False
+        if not ok:
+            self._drop()
+
+    # the connection
+
+    def _ready(self) -> tuple[smtplib.SMTP, bool]:
+        """The open connection (checked with NOOP after an idle spell), or a new one."""
+        smtp = self._smtp
+        if smtp is not None and self._pid != os.getpid():
+            smtp.close()  # inherited over fork(): the parent owns that session
+            smtp = self._smtp = None
+        idle = time.monotonic() - self._last_used > self.idle_seconds
+        if smtp is not None and idle and not self._alive(smtp):
+            smtp = None
+        if smtp is None:
+            return self._connect(), True
+        return smtp, False
+
+    def _alive(self, smtp: smtplib.SMTP) -> bool:
+        try:
+            alive = smtp.noop()[0] == 250
+        except OSError:
+            alive = False
+        if not alive:
+            self._drop()
+        return alive
+
+    def _connect(self) -> smtplib.SMTP:
+        self._drop()
+        with self._setup_errors():
+            smtp = self._client()
+        try:
+            with self._setup_errors():
+                self._start(smtp)
+        except BaseException:
+            smtp.close()
+            raise
+        self._smtp, self._pid = smtp, os.getpid()
+        log.debug("connected to %s", self._where)
+        return smtp
+
+    @contextmanager
+    def _setup_errors(self) -> Iterator[None]:
+        """Any failure to set up a session is about the server or the settings, never about
+        one message, so it is transient."""
+        try:
+            yield
+        except (OSError, ValueError) as e:  # sockets, timeouts, TLS, smtplib, non-ASCII login
+            raise TransientDeliveryError(
+                f"cannot open a session with {self._where}: {_describe(e)}"
+            ) from e
+
+    def _client(self) -> smtplib.SMTP:
+        """Connected, greeted (smtplib raises SMTPConnectError unless the greeting is 220).
+        The host goes to the constructor: that is where smtplib takes the name TLS verifies."""
+        name, timeout = _local_hostname(), self.timeout
+        if self.tls == "implicit":
+            return smtplib.SMTP_SSL(
+                self.host, self.port, name, timeout=timeout, context=self._context()
+            )
+        return smtplib.SMTP(self.host, self.port, name, timeout=timeout)
+
+    def _start(self, smtp: smtplib.SMTP) -> None:
+        """EHLO, STARTTLS, EHLO again, AUTH."""
+        if smtp.sock is not None:  # whole commands are written at once: no need for Nagle
+            smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        smtp.ehlo_or_helo_if_needed()
+        encrypted = self._secure(smtp)
+        self._login(smtp, encrypted)
+
+    def _secure(self, smtp: smtplib.SMTP) -> bool:
+        """STARTTLS when offered; True when the connection is encrypted."""
+        if self.tls == "implicit":
+            return True
+        if smtp.has_extn("starttls"):
+            smtp.starttls(context=self._context())
+            smtp.ehlo_or_helo_if_needed()
+            return True
+        if self.tls == "required":
+            # A configuration problem, raised as transient so the mail waits for the fix.
+            raise TransientDeliveryError(
+                f"{self._where} does not offer STARTTLS and DRIP_MAIL_URL has tls=required; "
+                "nothing was sent. Use a server that offers STARTTLS, or smtps:// for implicit TLS"
+            )
+        return False
+
+    def _login(self, smtp: smtplib.SMTP, encrypted: bool) -> None:
+        if self._username is None:
+            return
+        if not encrypted:
+            raise TransientDeliveryError(
+                f"refusing to send the DRIP_MAIL_URL password to {self._where} unencrypted: it "
+                "does not offer STARTTLS. Use smtps:// (implicit TLS, port 465) or a server that "
+                "offers STARTTLS (usually port 587)"
+            )
+        try:
+            smtp.login(self._username, self._password)
+        except smtplib.SMTPAuthenticationError as e:
+            raise TransientDeliveryError(
+                f"{self._where} refused the user and password in DRIP_MAIL_URL: {_describe(e)}"
+            ) from None
+
+    def _context(self) -> ssl.SSLContext:
+        if self._ssl_context is None:
+            self._ssl_context = ssl.create_default_context()
+        return self._ssl_context
+
+    def _drop(self) -> None:
+        """Forget a connection that cannot be trusted any more (no QUIT: it may hang)."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None:
+            smtp.close()
+
+
+class _StaleConnection(Exception):
+    """Raised inside SMTPTransport when a reused connection turned out to be dead at MAIL."""
+
+
+def _data_payload(message: bytes) -> bytes:
+    """The bytes to send after 354: CRLF line endings, dot-stuffed (RFC 5321 4.5.2), then '.'."""
+    crlf = message.count(b"\r\n")
+    if message.count(b"\n") != crlf or message.count(b"\r") != crlf:
+        message = _ANY_EOL.sub(b"\r\n", message)
+    if message.startswith(b".") or b"\n." in message:
+        message = _LEADING_DOT.sub(b"..", message)
+    if not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    return message + b".\r\n"
+
+
+def _refusal(where: str, stage: str, code: int, text: bytes) -> DeliveryError:
+    """The error for a refusal: 5xx is permanent, except 530 (authentication required), which
+    is a configuration problem that must not fail every message."""
+    reply = _reply(code, text)
+    if code == 530:
+        return TransientDeliveryError(
+            f"{where} requires authentication at {stage}: {reply}; "
+            "put user:pass in DRIP_MAIL_URL"
+        )
+    if 500 <= code < 600:
+        enhanced = _enhanced(text)
+        return PermanentDeliveryError(
+            f"{where} refused {stage}: {reply}", code=code, enhanced=enhanced
+        )
+    return TransientDeliveryError(f"{where} deferred {stage}: {reply}")
+
+
+def _enhanced(text: bytes) -> str:
+    match = _ENHANCED.match(text.decode("ascii", "replace"))
+    return match.group(1) if match else ""
+
+
+def _reply(code: int, text: bytes) -> str:
+    """A server reply fit for logs: addresses it quotes are replaced, length is bounded."""
+    clean = _ADDRESS.sub("[address]", text.decode("utf-8", "replace").replace("\n", " "))
+    return f"{code} {clean[:300]}".rstrip()
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, smtplib.SMTPResponseException):
+        raw = e.smtp_error if isinstance(e.smtp_error, bytes) else str(e.smtp_error).encode()
+        return _reply(e.smtp_code, raw)
+    return _ADDRESS.sub("[address]", str(e) or type(e).__name__)
+
+
+# --- a folder of .eml files ---------------------------------------------------------------
+
+
+class FileTransport(_Closing):
+    """Writes each message to <directory>/<UTC timestamp>-<counter>-<random>.eml.
+
+    The file appears whole or not at all (written under a temporary name in the same folder, then
+    renamed), so a reader watching the folder never sees half a message. Files are private to the
+    user (0600): they hold patient mail. The address never appears in a file name.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self._counter = itertools.count(1)
+        self._ready = False
+
+    def __repr__(self) -> str:
+        return f"FileTransport({str(self.directory)!r})"
+
+    def send(self, envelope_from: str, recipient: str, message: bytes) -> None:
+        try:
+            self._write(message)
+        except OSError as e:
+            raise TransientDeliveryError(
+                f"cannot write to the outbox {self.directory}: {e.strerror or e}"
+            ) from e
+
+    def _write(self, message: bytes) -> None:
+        if not self._ready:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._ready = True
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        name = f"{stamp}-{next(self._counter):06d}-{secrets.token_hex(4)}.eml"
+        fd, temporary = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(message)
+            os.replace(temporary, self.directory / name)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+
+# --- in memory, for tests of callers -------------------------------------------------------
+
+
+class MemoryTransport(_Closing):
+    """Keeps messages in `messages` as (envelope_from, recipient, message) tuples.
+
+    `failures` scripts successive sends: an exception is raised (and nothing recorded), None means
+    succeed; once the list is used up every send succeeds.
+    """
+
+    def __init__(self, failures: Iterable[Exception | None] | None = None) -> None:
+        self.messages: list[tuple[str, str, bytes]] = []
+        self.failures: list[Exception | None] = list(failures or [])
+        self.attempts = 0
+        self.closed = False
+
+    def send(self, envelope_from: str, recipient: str, message: bytes) -> None:
+        self.attempts += 1
+        failure = self.failures.pop(0) if self.failures else None
+        if failure is not None:
+            raise failure
+        self.messages.append((envelope_from, recipient, message))
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True

@@ -1,0 +1,471 @@
+from __future__ import annotations
+
+import os
+import re
+import smtplib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from ssl import SSLContext
+from typing import Any
+
+import pytest
+
+from drip.errors import (
+    ConfigError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+    UnknownOutcomeError,
+)
+from drip.transports import (
+    FileTransport,
+    MemoryTransport,
+    SMTPTransport,
+    open_transport,
+)
+from tests.smtp_servers import (
+    DROP,
+    HOST,
+    STALL,
+    CapturingServer,
+    ScriptedServer,
+    closed_port,
+    self_signed_tls,
+)
+
+SENDER = "care@clinic.example"
+PATIENT = "pat.doe@patients.example"
+MESSAGE = (
+    b"From: Clinic <care@clinic.example>\r\n"
+    b"To: pat.doe@patients.example\r\n"
+    b"Subject: Welcome\r\n"
+    b"\r\n"
+    b"Hello Pat,\r\n"
+    b".a line that starts with a dot\r\n"
+    b".\r\n"
+    b"..two dots\r\n"
+    b"Bye.\r\n"
+)
+
+
+@pytest.fixture(autouse=True)
+def no_thread_left_behind() -> Iterator[None]:
+    before = set(threading.enumerate())
+    yield
+    assert set(threading.enumerate()) <= before
+
+
+def transport(server: CapturingServer | ScriptedServer, **options: Any) -> SMTPTransport:
+    return SMTPTransport(HOST, server.port, timeout=2.0, **options)
+
+
+def assert_no_address(error: Exception) -> None:
+    assert PATIENT not in str(error) and "pat.doe" not in str(error)
+
+
+# --- a real server ------------------------------------------------------------------------
+
+
+def test_a_message_arrives_byte_for_byte_with_its_envelope() -> None:
+    with CapturingServer() as server, transport(server) as smtp:
+        smtp.send(SENDER, PATIENT, MESSAGE)
+        (captured,) = server.wait_for(1)
+    assert captured.mail_from == SENDER
+    assert captured.rcpt_tos == (PATIENT,)
+    assert captured.data == MESSAGE
+
+
+def test_lines_starting_with_a_dot_are_dot_stuffed_on_the_wire() -> None:
+    with ScriptedServer() as server, transport(server) as smtp:
+        smtp.send(SENDER, PATIENT, MESSAGE)
+        smtp.send(SENDER, PATIENT, b".first line\r\n")
+    first, second = server.bodies
+    assert b"\r\n..a line that starts with a dot\r\n..\r\n...two dots\r\n" in first
+    assert second == b"..first line\r\n"
+
+
+def test_bare_newlines_are_sent_as_crlf_and_a_missing_final_newline_is_added() -> None:
+    with CapturingServer() as server, transport(server) as smtp:
+        smtp.send(SENDER, PATIENT, b"Subject: x\n\nline one\nline two")
+        (captured,) = server.wait_for(1)
+    assert captured.data == b"Subject: x\r\n\r\nline one\r\nline two\r\n"
+
+
+def test_one_connection_carries_many_messages() -> None:
+    with CapturingServer() as server:
+        with transport(server) as smtp:
+            for i in range(50):
+                smtp.send(SENDER, f"patient{i}@patients.example", MESSAGE)
+        messages = server.wait_for(50)
+        assert server.connections == 1
+    assert [m.rcpt_tos[0] for m in messages] == [f"patient{i}@patients.example" for i in range(50)]
+
+
+def test_the_connection_is_reopened_lazily_after_close() -> None:
+    with CapturingServer() as server:
+        smtp = transport(server)
+        smtp.close()  # nothing open yet: nothing to do
+        assert server.connections == 0
+        with smtp:
+            smtp.send(SENDER, PATIENT, MESSAGE)
+        with smtp:
+            smtp.send(SENDER, PATIENT, MESSAGE)
+        server.wait_for(2)
+        assert server.connections == 2
+
+
+# --- reconnecting -------------------------------------------------------------------------
+
+
+def test_a_connection_the_server_dropped_between_messages_is_replaced_without_failing() -> None:
+    with ScriptedServer() as server, transport(server) as smtp:
+        smtp.send(SENDER, PATIENT, MESSAGE)
+        server.drop_connections()
+        smtp.send(SENDER, PATIENT, MESSAGE)
+    assert server.connections == 2
+    assert len(server.bodies) == 2
+
+
+def test_a_421_to_mail_on_a_reused_connection_is_an_idle_timeout_and_is_retried_fresh() -> None:
+    with ScriptedServer({"MAIL": ["250 Ok", "421 4.4.2 timeout exceeded"]}) as server:
+        with transport(server) as smtp:
+            smtp.send(SENDER, PATIENT, MESSAGE)
+            smtp.send(SENDER, PATIENT, MESSAGE)
+    assert server.connections == 2
+    assert len(server.bodies) == 2
+
+
+def test_an_idle_connection_is_checked_with_noop_and_replaced_when_dead() -> None:
+    with ScriptedServer() as server, transport(server, idle_seconds=0.0) as smtp:
+        smtp.send(SENDER, PATIENT, MESSAGE)
+        smtp.send(SENDER, PATIENT, MESSAGE)
+        server.drop_connections()
+        smtp.send(SENDER, PATIENT, MESSAGE)
+    assert server.verbs()[:13] == [
+        "EHLO", "MAIL", "RCPT", "DATA",  # first message, new connection
+        "NOOP", "MAIL", "RCPT", "DATA",  # idle: checked, still alive
+        "EHLO", "MAIL", "RCPT", "DATA",  # the NOOP found it dead (unseen): a new connection
+        "QUIT",
+    ]
+    assert server.connections == 2
+
+
+def test_a_fresh_connection_that_fails_at_mail_is_not_retried() -> None:
+    with ScriptedServer({"MAIL": [DROP]}) as server, transport(server) as smtp:
+        with pytest.raises(TransientDeliveryError, match="connection lost at MAIL"):
+            smtp.send(SENDER, PATIENT, MESSAGE)
+    assert server.connections == 1
+
+
+# --- what each failure means --------------------------------------------------------------
+
+
+def test_451_to_rcpt_is_transient_and_the_retry_succeeds_on_the_same_connection() -> None:
+    script = {"RCPT": ["451 4.3.0 <pat.doe@patients.example>: try again later"]}
+    with ScriptedServer(script) as server, transport(server) as smtp:
+        with pytest.raises(TransientDeliveryError, match="451 4.3.0") as failure:
+            smtp.send(SENDER, PATIENT, MESSAGE)
+        smtp.send(SENDER, PATIENT, MESSAGE)
+    assert_no_address(failure.value)
+    assert "[address]" in str(failure.value)
+    assert server.connections == 1
+    assert server.verbs()[:6] == ["EHLO", "MAIL", "RCPT", "RSET", "MAIL", "RCPT"]
+    assert len(server.bodies) == 1
+
+
+def test_451_after_the_body_is_transient() -> None:
+    with ScriptedServer({".": ["451 4.3.0 queue full"]}) as server, transport(server) as smtp:
+        with pytest.raises(TransientDeliveryError, match="451"):
+            smtp.send(SENDER, PATIENT, MESSAGE)
+        smtp.send(SENDER, PATIENT, MESSAGE)
+    assert server.connections == 1 and len(server.bodies) == 2
+
+
+def test_550_5_1_1_to_rcpt_is_permanent_with_a_bad_mailbox() -> None:
+    script = {"RCPT": ["550 5.1.1 <pat.doe@patients.example>: Recipient address rejected"]}
+    with ScriptedServer(script) as server, transport(server) as smtp:
+        with pytest.raises(PermanentDeliveryError) as failure:
+            smtp.send(SENDER, PATIENT, MESSAGE)
+        smtp.send(SENDER, PATIENT, MESSAGE)  # the connection is still good
+    error = failure.value
+    assert (error.code, error.enhanced, error.bad_mailbox) == (550, "5.1.1", True)
+    assert_no_address(error)
+    assert server.connections == 1
+
+
+def test_552_after_the_body_is_permanent_but_not_a_bad_mailbox() -> None:
+    with ScriptedServer({".": ["552 5.3.4 Message size exceeds fixed limit"]}) as server:
+        with transport(server) as smtp, pytest.raises(PermanentDeliveryError) as failure:
+            smtp.send(SENDER, PATIENT, MESSAGE)
+    assert (failure.value.code, failure.value.enhanced) == (552, "5.3.4")
+    assert not failure.value.bad_mailbox
+
+
+def test_a_5xx_to_mail_is_permanent_and_a_reply_without_enhanced_code_has_none() -> None:
+    with ScriptedServer({"MAIL": ["553 sender not allowed"]}) as server, transport(server) as s:
+        with pytest.raises(PermanentDeliveryError) as failure:
+            s.send(SENDER, PATIENT, MESSAGE)
+    assert (failure.value.code, failure.value.enhanced) == (553, "")
+
+
+def test_530_authentication_required_is_transient_and_names_the_fix() -> None:
+    script = {"MAIL": ["530 5.7.0 Authentication required"]}
+    with ScriptedServer(script) as server, transport(server) as smtp:
+        with pytest.raises(TransientDeliveryError, match="DRIP_MAIL_URL"):
+            smtp.send(SENDER, PATIENT, MESSAGE)
+
+
+def test_421_at_the_greeting_is_transient() -> None:
+    script = {"CONNECT": ["421 4.3.2 Service not available"]}
+    with ScriptedServer(script) as server, transport(server) as smtp:
+        with pytest.raises(TransientDeliveryError, match="421 4.3.2"):
+            smtp.send(SENDER, PATIENT, MESSAGE)
+        smtp.send(SENDER, PATIENT, MESSAGE)
+    assert server.connections == 2 and len(server.bodies) == 1
+
+
+def test_a_refused_connection_is_transient() -> None:
+    with SMTPTransport(HOST, closed_port(), timeout=2.0) as smtp:
+        with pytest.raises(TransientDeliveryError, match="cannot open a session"):
+            smtp.send(SENDER, PATIENT, MESSAGE)
+
+
+def test_a_connection_dropped_after_the_body_leaves_the_outcome_unknown() -> None:
+    with ScriptedServer({".": [DROP]}) as server, transport(server) as smtp:
+        with pytest.raises(UnknownOutcomeError, match="may have been delivered") as failure:
+            smtp.send(SENDER, PATIENT, MESSAGE)
+        smtp.send(SENDER, PATIENT, MESSAGE)  # and the next message gets a new connection
+    assert_no_address(failure.value)
+    assert server.connections == 2 and len(server.bodies) == 2
+
+
+def test_a_timeout_waiting_for_the_final_reply_leaves_the_outcome_unknown() -> None:
+    with ScriptedServer({".": [STALL]}) as server:
+        with SMTPTransport(HOST, server.port, timeout=0.2) as smtp:
+            with pytest.raises(UnknownOutcomeError, match="timed out"):
+                smtp.send(SENDER, PATIENT, MESSAGE)
+
+
+class Interrupted(Exception):
+    """Stands for Celery's SoftTimeLimitExceeded arriving in the middle of a send."""
+
+
+def test_a_send_interrupted_mid_body_never_reuses_the_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_send = smtplib.SMTP.send
+
+    def interrupted_after_half(self: smtplib.SMTP, data: bytes | str) -> None:
+        if isinstance(data, bytes) and data.endswith(b"\r\n.\r\n"):
+            real_send(self, data[: len(data) // 2])
+            raise Interrupted
+        real_send(self, data)
+
+    with ScriptedServer() as server, transport(server) as smtp:
+        monkeypatch.setattr(smtplib.SMTP, "send", interrupted_after_half)
+        with pytest.raises(Interrupted):
+            smtp.send(SENDER, PATIENT, MESSAGE)
+        monkeypatch.undo()
+        smtp.send(SENDER, PATIENT, MESSAGE)
+    assert server.connections == 2
+    assert server.bodies == [MESSAGE.replace(b"\n.", b"\n..")]  # only the complete one
+
+
+def test_a_drop_before_the_354_reply_is_transient_not_unknown() -> None:
+    with ScriptedServer({"DATA": [DROP]}) as server, transport(server) as smtp:
+        with pytest.raises(TransientDeliveryError, match="DATA"):
+            smtp.send(SENDER, PATIENT, MESSAGE)
+    assert server.bodies == []
+
+
+def test_a_non_ascii_address_needs_smtputf8() -> None:
+    with ScriptedServer() as server, transport(server) as smtp:
+        with pytest.raises(PermanentDeliveryError, match="SMTPUTF8") as failure:
+            smtp.send(SENDER, "zoë@patients.example", MESSAGE)
+    assert failure.value.enhanced == "5.6.7" and "zoë" not in str(failure.value)
+    assert "MAIL" not in server.verbs()
+
+
+def test_a_non_ascii_address_goes_out_when_the_server_offers_smtputf8() -> None:
+    with CapturingServer() as server, transport(server) as smtp:
+        smtp.send(SENDER, "zoë@patients.example", "Subject: é\r\n\r\nzoë\r\n".encode())
+        (captured,) = server.wait_for(1)
+    assert captured.rcpt_tos == ("zoë@patients.example",)
+
+
+# --- TLS and credentials ------------------------------------------------------------------
+
+
+def test_credentials_are_never_sent_over_an_unencrypted_connection() -> None:
+    with ScriptedServer(extensions=("AUTH PLAIN LOGIN",)) as server:
+        with transport(server, username="u", password="secret") as smtp:
+            with pytest.raises(TransientDeliveryError, match="unencrypted") as failure:
+                smtp.send(SENDER, PATIENT, MESSAGE)
+    assert "AUTH" not in server.verbs() and "MAIL" not in server.verbs()
+    assert "secret" not in str(failure.value) and "DRIP_MAIL_URL" in str(failure.value)
+
+
+def test_tls_required_refuses_a_server_without_starttls() -> None:
+    with ScriptedServer() as server, transport(server, tls="required") as smtp:
+        with pytest.raises(TransientDeliveryError, match="STARTTLS"):
+            smtp.send(SENDER, PATIENT, MESSAGE)
+    assert "MAIL" not in server.verbs()
+
+
+def test_starttls_is_used_whenever_offered_and_its_failure_is_transient() -> None:
+    with ScriptedServer(extensions=("STARTTLS",)) as server, transport(server) as smtp:
+        with pytest.raises(TransientDeliveryError, match="454"):
+            smtp.send(SENDER, PATIENT, MESSAGE)
+    assert server.verbs() == ["EHLO", "STARTTLS"]
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> tuple[SSLContext, SSLContext]:
+    pytest.importorskip("cryptography")
+    return self_signed_tls(tmp_path)
+
+
+def test_starttls_then_auth_then_send(tls: tuple[SSLContext, SSLContext]) -> None:
+    server_context, client_context = tls
+    with CapturingServer(tls_context=server_context, credentials=("u@x", "p w")) as server:
+        with transport(server, username="u@x", password="p w", ssl_context=client_context) as s:
+            s.send(SENDER, PATIENT, MESSAGE)
+            s.send(SENDER, PATIENT, MESSAGE)
+        assert [m.data for m in server.wait_for(2)] == [MESSAGE, MESSAGE]
+        assert server.logins == ["u@x"] and server.connections == 1
+
+
+def test_implicit_tls(tls: tuple[SSLContext, SSLContext]) -> None:
+    server_context, client_context = tls
+    with CapturingServer(tls_context=server_context, implicit_tls=True) as server:
+        with transport(server, tls="implicit", ssl_context=client_context) as smtp:
+            smtp.send(SENDER, PATIENT, MESSAGE)
+        assert server.wait_for(1)[0].data == MESSAGE
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_an_untrusted_certificate_is_refused(
+    tls: tuple[SSLContext, SSLContext], implicit: bool
+) -> None:
+    server_context, _ = tls
+    server = CapturingServer(tls_context=server_context, implicit_tls=implicit)
+    mode = "implicit" if implicit else "opportunistic"
+    with server, transport(server, tls=mode) as smtp:
+        with pytest.raises(TransientDeliveryError, match="CERTIFICATE_VERIFY_FAILED"):
+            smtp.send(SENDER, PATIENT, MESSAGE)
+        assert server.messages == []
+
+
+def test_a_wrong_password_is_transient_and_names_the_setting(
+    tls: tuple[SSLContext, SSLContext],
+) -> None:
+    server_context, client_context = tls
+    with CapturingServer(tls_context=server_context, credentials=("u", "right")) as server:
+        with transport(server, username="u", password="wrong", ssl_context=client_context) as s:
+            with pytest.raises(TransientDeliveryError, match="DRIP_MAIL_URL") as failure:
+                s.send(SENDER, PATIENT, MESSAGE)
+    assert "wrong" not in str(failure.value)
+
+
+# --- files ----------------------------------------------------------------------------------
+
+
+def test_the_file_transport_writes_one_eml_per_message_named_without_the_address(
+    tmp_path: Path,
+) -> None:
+    outbox = tmp_path / "var" / "outbox"
+    with FileTransport(outbox) as files:
+        for _ in range(3):
+            files.send(SENDER, PATIENT, MESSAGE)
+    names = sorted(p.name for p in outbox.iterdir())
+    assert len(names) == 3 and len(set(names)) == 3
+    assert all(re.fullmatch(r"\d{8}T\d{12}Z-\d{6}-[0-9a-f]{8}\.eml", n) for n in names), names
+    assert all("pat" not in n and "@" not in n for n in names)
+    assert [(outbox / n).read_bytes() for n in names] == [MESSAGE] * 3
+    assert all((outbox / n).stat().st_mode & 0o077 == 0 for n in names)
+
+
+def test_the_file_transport_leaves_no_partial_file_when_writing_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(src: str, dst: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    files = FileTransport(tmp_path)
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(TransientDeliveryError, match="No space left"):
+        files.send(SENDER, PATIENT, MESSAGE)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- memory -------------------------------------------------------------------------------
+
+
+def test_the_memory_transport_records_and_replays_scripted_failures() -> None:
+    boom = TransientDeliveryError("451 try later")
+    memory = MemoryTransport([None, boom, None])
+    with memory:
+        memory.send(SENDER, "a@x.example", b"1")
+        with pytest.raises(TransientDeliveryError) as failure:
+            memory.send(SENDER, "b@x.example", b"2")
+        memory.send(SENDER, "c@x.example", b"3")
+        memory.send(SENDER, "d@x.example", b"4")  # the script is used up: success
+    assert failure.value is boom
+    assert memory.messages == [
+        (SENDER, "a@x.example", b"1"),
+        (SENDER, "c@x.example", b"3"),
+        (SENDER, "d@x.example", b"4"),
+    ]
+    assert memory.attempts == 4 and memory.closed
+
+
+# --- DRIP_MAIL_URL ------------------------------------------------------------------------
+
+
+def test_open_transport_reads_smtp_urls() -> None:
+    smtp = open_transport("smtp://us%40er:p%3Ass@mail.example:587?tls=required", timeout=7)
+    assert isinstance(smtp, SMTPTransport)
+    assert (smtp.host, smtp.port, smtp.tls, smtp.timeout) == ("mail.example", 587, "required", 7)
+    assert (smtp._username, smtp._password) == ("us@er", "p:ss")
+    assert "p:ss" not in repr(smtp)
+    plain = open_transport("smtp://mail.example")
+    assert (plain.port, plain.tls, plain._username) == (25, "opportunistic", None)
+
+
+def test_open_transport_reads_smtps_urls_and_a_timeout() -> None:
+    smtp = open_transport("smtps://u:p@mail.example?timeout=2.5")
+    assert isinstance(smtp, SMTPTransport)
+    assert (smtp.port, smtp.tls, smtp.timeout) == (465, "implicit", 2.5)
+
+
+def test_open_transport_reads_absolute_and_relative_file_urls() -> None:
+    absolute = open_transport("file:///srv/drip/outbox")
+    relative = open_transport("file://var/outbox")  # DESIGN's default: relative to the cwd
+    assert isinstance(absolute, FileTransport) and isinstance(relative, FileTransport)
+    assert absolute.directory == Path("/srv/drip/outbox")
+    assert relative.directory == Path("var/outbox")
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("http://mail.example", "smtp://, smtps:// or file://"),
+        ("mail.example:25", "smtp://, smtps:// or file://"),
+        ("smtp://", "no host"),
+        ("smtp://mail.example:port", "bad port"),
+        ("smtp://mail.example?tls=sometimes", "tls="),
+        ("smtp://mail.example?timeout=soon", "timeout="),
+        ("smtp://mail.example?verify=no", "unknown option"),
+        ("file://", "no folder"),
+    ],
+)
+def test_open_transport_refuses_a_bad_url_naming_the_variable(url: str, says: str) -> None:
+    with pytest.raises(ConfigError, match="DRIP_MAIL_URL") as failure:
+        open_transport(url)
+    assert says in str(failure.value)
+
+
+def test_a_bad_url_error_never_shows_the_password() -> None:
+    with pytest.raises(ConfigError) as failure:
+        open_transport("smtp://user:hunter2@mail.example:bad")
+    assert "hunter2" not in str(failure.value)

@@ -22,9 +22,12 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from drip import __version__, csvimport, db, enrolment
+from drip.broker import broker
 from drip.campaigns import Campaign, load_all, load_campaign
+from drip.deliveries import list_deliveries
+from drip.deliveries import retry as retry_deliveries
 from drip.errors import CsvError, DripError, InputError
-from drip.models import Enrolment, Patient
+from drip.models import STATES, Enrolment, Patient
 from drip.output import console, echo_json, table
 from drip.patients import check_patient
 from drip.settings import Settings
@@ -395,3 +398,92 @@ def campaigns_list(app: App, as_json: bool) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# --- operating ----------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--concurrency", "-c", type=click.IntRange(1, 64), help="Worker processes.")
+@click.option("--loglevel", default="INFO", show_default=True)
+@pass_app
+def worker(app: App, concurrency: int | None, loglevel: str) -> None:
+    """A Celery worker: sends due emails (task events on, so Flower sees it)."""
+    from drip import tasks
+
+    argv = [
+        "worker",
+        "--events",
+        f"--loglevel={loglevel}",
+        f"--queues={tasks.SEND_QUEUE},{tasks.TICK_QUEUE}",
+    ]
+    if concurrency:
+        argv.append(f"--concurrency={concurrency}")
+    with broker(app.settings.broker_url, app.settings.var_dir) as url:
+        db.require_current_schema(app.engine)
+        app.close()  # the worker's processes make their own connections after the fork
+        tasks.configure(app.settings, url).worker_main(argv)
+
+
+@cli.command()
+@click.option("--loglevel", default="INFO", show_default=True)
+@pass_app
+def beat(app: App, loglevel: str) -> None:
+    """The ticker: every DRIP_TICK_SECONDS, a worker claims what is due."""
+    from drip import tasks
+
+    with broker(app.settings.broker_url, app.settings.var_dir) as url:
+        app.settings.var_dir.mkdir(parents=True, exist_ok=True)
+        tasks.configure(app.settings, url).start(["beat", f"--loglevel={loglevel}"])
+
+
+@cli.command()
+@click.option("--concurrency", "-c", type=click.IntRange(1, 64), help="Worker processes.")
+@pass_app
+def run(app: App, concurrency: int | None) -> None:
+    """Everything for one machine: the private Redis (unless DRIP_BROKER_URL), a worker and the
+    ticker, supervised. Stops cleanly on Ctrl-C or SIGTERM."""
+    from drip.supervisor import Supervisor
+
+    db.require_current_schema(app.engine)
+    app.close()
+    Supervisor(app.settings).run([f"--concurrency={concurrency}"] if concurrency else [])
+
+
+@cli.command()
+@click.option("--state", type=click.Choice(STATES), help="Only deliveries in this state.")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def deliveries(app: App, state: str | None, limit: int, as_json: bool) -> None:
+    """Recently changed deliveries, by id (no names or addresses)."""
+    with app.transaction() as session:
+        found = list_deliveries(session, state=state, limit=limit)
+    if as_json:
+        echo_json(found)
+        return
+    columns = ["id", "patient_id", "step", "state", "due_at", "attempts", "last_error"]
+    table(columns, [[row[c] if row[c] is not None else "" for c in columns] for row in found])
+
+
+@cli.command()
+@click.argument("ids", nargs=-1, type=int, required=True)
+@pass_app
+def retry(app: App, ids: tuple[int, ...]) -> None:
+    """Send failed, unknown or retrying deliveries again, now (all of them, or none)."""
+    now = app.now()
+    with app.transaction() as session:
+        count = retry_deliveries(session, list(dict.fromkeys(ids)), now=now, actor=app.actor)
+    click.echo(f"{count} deliveries scheduled to go now")
+
+
+@cli.command()
+@click.option("--patients", type=click.IntRange(1, 50), default=4, show_default=True)
+def demo(patients: int) -> None:
+    """The whole pipeline on embedded defaults, the campaign's weeks played in about a minute.
+
+    Everything lives under var/demo/: a SQLite database, a private Redis, and the emails as
+    .eml and .html files."""
+    from drip.demo import Demo
+
+    Demo(Path("var/demo"), patients=patients).run()

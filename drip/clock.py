@@ -3,6 +3,9 @@
 Code that plans, claims or expires takes `now` as an argument; only entry points ask a Clock.
 `DRIP_NOW` starts the calendar at a chosen instant and lets it run on at normal speed, so leases,
 back-off and send windows behave exactly as they will for real (dry runs, tests, the demo).
+`DRIP_NOW_FILE` does the same from an instant written in a file, read again on every call: one
+process (the demo, a test) can move the calendar of every worker and ticker at once, and from
+each write the clock again runs on at normal speed.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 
 def utcnow() -> datetime:
@@ -21,6 +25,7 @@ class Clock:
     """Real time, optionally shifted so that it reads `start` at the moment it was made."""
 
     start: datetime | None = None
+    file: Path | None = None
     _offset: timedelta = field(init=False, default=timedelta(0))
 
     def __post_init__(self) -> None:
@@ -28,6 +33,8 @@ class Clock:
             self._offset = self.start.astimezone(UTC) - utcnow()
 
     def now(self) -> datetime:
+        if self.file is not None:
+            return read_clock_file(self.file)
         return utcnow() + self._offset
 
     def monotonic(self) -> float:
@@ -40,3 +47,17 @@ def parse_instant(text: str) -> datetime:
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     return value.astimezone(UTC)
+
+
+def read_clock_file(path: Path) -> datetime:
+    """The instant written in `path`, moved on by the time since it was written."""
+    stat = path.stat()
+    written = datetime.fromtimestamp(stat.st_mtime, UTC)
+    return parse_instant(path.read_text()) + (utcnow() - written)
+
+
+def write_clock_file(path: Path, instant: datetime) -> None:
+    """Move every clock reading `path` to `instant` (atomically: readers never see half)."""
+    temp = path.with_name(path.name + ".tmp")
+    temp.write_text(instant.astimezone(UTC).isoformat())
+    temp.replace(path)

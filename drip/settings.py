@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from drip.clock import Clock, parse_instant
+from drip.clock import Clock, parse_instant, read_clock_file
 from drip.errors import ConfigError
 from drip.planning import SendWindow
 
@@ -38,6 +38,7 @@ class Settings:
     from_address: str = "Lakeside Ketamine Clinic (demo) <care@clinic.example>"
     send_window: SendWindow = SendWindow.parse("09:00-19:00")
     now: datetime | None = None
+    now_file: Path | None = None
     lease_seconds: int = 300
     templates_dir: Path = PROJECT_ROOT / "templates" / "emails"
     clinic_name: str = "Lakeside Ketamine Clinic (demo)"
@@ -63,7 +64,7 @@ class Settings:
         return settings
 
     def clock(self) -> Clock:
-        return Clock(self.now)
+        return Clock(self.now, self.now_file)
 
     @property
     def uses_embedded_broker(self) -> bool:
@@ -143,6 +144,15 @@ def _now(name: str, raw: str) -> dict[str, Any]:
         ) from None
 
 
+def _now_file(name: str, raw: str) -> dict[str, Any]:
+    path = Path(raw)
+    try:
+        read_clock_file(path)
+    except (OSError, ValueError):
+        raise ConfigError(f"{name}={raw!r} must name a file holding an ISO-8601 instant") from None
+    return {"now_file": path}
+
+
 def _zone(name: str, raw: str) -> dict[str, Any]:
     try:
         ZoneInfo(raw)
@@ -196,6 +206,7 @@ _PARSERS = {
     "DRIP_FROM": _from,
     "DRIP_SEND_WINDOW": _window,
     "DRIP_NOW": _now,
+    "DRIP_NOW_FILE": _now_file,
     "DRIP_LEASE_SECONDS": _int("lease_seconds", 10, 86400),
     "DRIP_TEMPLATES_DIR": _path("templates_dir"),
     "DRIP_CLINIC_NAME": _text("clinic_name"),

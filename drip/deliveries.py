@@ -1,0 +1,92 @@
+"""Operators' view of deliveries, and `drip retry`: sending again what failed or is unknown."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from drip import events
+from drip.errors import DripError, NotFound
+from drip.models import ACTIVE, FAILED, RETRY, SCHEDULED, UNKNOWN, Delivery, Enrolment, Patient
+
+RETRYABLE = (FAILED, UNKNOWN, RETRY)
+
+
+def list_deliveries(
+    session: Session, *, state: str | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    """The most recently changed deliveries (ids only: no names or addresses)."""
+    query = (
+        select(Delivery, Enrolment.campaign, Enrolment.patient_id)
+        .join(Enrolment, Enrolment.id == Delivery.enrolment_id)
+        .order_by(Delivery.updated_at.desc(), Delivery.id.desc())
+        .limit(limit)
+    )
+    if state:
+        query = query.where(Delivery.state == state)
+    return [
+        {
+            "id": d.id,
+            "patient_id": patient_id,
+            "enrolment_id": d.enrolment_id,
+            "campaign": campaign,
+            "step": d.step_key,
+            "state": d.state,
+            "due_at": _iso(d.due_at),
+            "attempts": d.attempts,
+            "sent_at": _iso(d.sent_at),
+            "message_id": d.message_id,
+            "last_error": d.last_error,
+        }
+        for d, campaign, patient_id in session.execute(query)
+    ]
+
+
+def retry(session: Session, ids: list[int], *, now: datetime, actor: str) -> int:
+    """Schedule the given deliveries to go now. All or nothing: any id that cannot be retried
+    is an error naming it and why, and nothing changes."""
+    rows = session.execute(
+        select(Delivery, Enrolment, Patient)
+        .join(Enrolment, Enrolment.id == Delivery.enrolment_id)
+        .join(Patient, Patient.id == Enrolment.patient_id)
+        .where(Delivery.id.in_(ids))
+    )
+    found = {d.id: (d, e, p) for d, e, p in rows}
+    missing = sorted(set(ids) - set(found))
+    if missing:
+        raise NotFound(f"no delivery with id {', '.join(map(str, missing))}; see `drip deliveries`")
+    problems = [f"  {i}: {why}" for i in ids if (why := _why_not(*found[i]))]
+    if problems:
+        raise DripError("nothing was retried:\n" + "\n".join(problems))
+    for delivery_id in ids:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery_id, Delivery.state.in_(RETRYABLE))
+            .values(state=SCHEDULED, due_at=now, lease_until=None, updated_at=now)
+        )
+        events.record(
+            session,
+            at=now,
+            actor=actor,
+            kind="delivery.retried",
+            patient_id=found[delivery_id][2].id,
+            delivery_id=delivery_id,
+        )
+    return len(ids)
+
+
+def _why_not(delivery: Delivery, enrolment: Enrolment, patient: Patient) -> str | None:
+    if delivery.state not in RETRYABLE:
+        return f"is {delivery.state}; only {', '.join(RETRYABLE)} deliveries can be retried"
+    if enrolment.status != ACTIVE:
+        return f"its enrolment is {enrolment.status}; resume it first"
+    if patient.unsubscribed_at or patient.suppressed_at:
+        return "the patient unsubscribed or the address is suppressed"
+    return None
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat(timespec="seconds") if value else None

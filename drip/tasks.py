@@ -1,0 +1,139 @@
+"""The Celery app and its two tasks. Thin: they take ids and hand them to the domain.
+
+- `drip.tick` (sent by beat every DRIP_TICK_SECONDS): Ticker.tick.
+- `drip.send_batch` (sent by the tick): Sender.send_batch on a list of delivery ids.
+
+Tasks carry delivery ids only, never patient data. Each worker process builds its own engine,
+renderer and SMTP connection on first use (after the fork), and reuses them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import redis
+from celery import Celery
+from kombu import Queue
+from sqlalchemy import Engine
+
+from drip import db
+from drip.broker import EmbeddedRedis, redis_client
+from drip.sending import Sender
+from drip.settings import Settings
+from drip.ticker import Ticker
+from drip.transports import open_transport
+
+SEND_QUEUE = "drip"
+TICK_QUEUE = "drip.tick"
+VISIBILITY_TIMEOUT = 3600  # seconds; see configure()
+
+app = Celery("drip")
+
+
+def configure(settings: Settings, broker_url: str) -> Celery:
+    """Configure the app for one process: broker, serialisation, delivery guarantees, schedule."""
+    app.conf.update(
+        broker_url=broker_url,
+        broker_connection_retry_on_startup=True,
+        # Redis redelivers a message not acknowledged within the visibility timeout. Leases in
+        # the database, not redelivery, bring lost work back, so this only needs to be longer
+        # than any batch takes; drip never uses ETA/countdown tasks (Redis holds no schedule).
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=True,  # acknowledged after the batch is recorded…
+        task_reject_on_worker_lost=True,  # …and given back if the worker process dies
+        worker_prefetch_multiplier=1,  # a worker holds one batch beyond the one it runs
+        task_queues=(Queue(SEND_QUEUE), Queue(TICK_QUEUE)),
+        task_default_queue=SEND_QUEUE,
+        task_routes={"drip.tick": {"queue": TICK_QUEUE}},
+        task_time_limit=settings.lease_seconds,
+        worker_send_task_events=True,  # Flower sees the workers
+        task_send_sent_event=True,
+        beat_schedule={
+            "drip.tick": {
+                "task": "drip.tick",
+                "schedule": settings.tick_seconds,
+                "options": {"expires": max(settings.tick_seconds * 2, 10)},
+            }
+        },
+        beat_schedule_filename=str(settings.var_dir / "celerybeat-schedule"),
+    )
+    _configured.update(settings=settings, broker_url=broker_url)
+    return app
+
+
+_configured: dict[str, Any] = {}
+
+
+def configure_from_env() -> Celery:
+    """For `celery -A worker …`: settings from the environment; with no DRIP_BROKER_URL, the
+    private Redis under var/ (started if need be, and stopped when this process exits)."""
+    settings = Settings.from_env()
+    broker_url = settings.broker_url
+    if broker_url is None:
+        embedded = EmbeddedRedis(settings.var_dir)
+        broker_url = embedded.start()
+        atexit.register(embedded.stop)
+    return configure(settings, broker_url)
+
+
+@dataclass
+class Runtime:
+    """What tasks use in one worker process, made on first use after the fork."""
+
+    pid: int
+    settings: Settings
+    broker_url: str
+
+    @cached_property
+    def engine(self) -> Engine:
+        return db.make_engine(self.settings.database_url)
+
+    @cached_property
+    def sender(self) -> Sender:
+        transport = open_transport(self.settings.mail_url)
+        return Sender(self.engine, self.settings, transport, self.settings.clock())
+
+    @cached_property
+    def ticker(self) -> Ticker:
+        return Ticker(self.engine, self.settings, self.settings.clock(), _enqueue, self.queue_depth)
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        return redis_client(self.broker_url)
+
+    def queue_depth(self) -> int:
+        """Batches waiting in the send queue (Celery's Redis transport keeps a queue as a list)."""
+        return int(self.redis.llen(SEND_QUEUE))
+
+
+_current: list[Runtime] = []
+
+
+def runtime() -> Runtime:
+    """This process's Runtime (a forked child makes its own)."""
+    if not _current or _current[0].pid != os.getpid():
+        if not _configured:
+            configure_from_env()
+        _current[:] = [Runtime(os.getpid(), _configured["settings"], _configured["broker_url"])]
+    return _current[0]
+
+
+def _enqueue(ids: list[int]) -> None:
+    send_batch.apply_async(args=[ids], queue=SEND_QUEUE)
+
+
+@app.task(name="drip.tick")
+def tick() -> dict[str, int | bool]:
+    return runtime().ticker.tick().as_dict()
+
+
+@app.task(name="drip.send_batch")
+def send_batch(ids: list[int]) -> dict[str, int]:
+    return runtime().sender.send_batch([int(i) for i in ids]).as_dict()

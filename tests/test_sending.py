@@ -1,0 +1,290 @@
+"""Sending a claimed batch against real SMTP servers on loopback and a real database.
+
+The Sender is driven directly (no Celery here: tests/test_pipeline.py runs the real worker), with
+scripted servers for the replies a real server will not give on cue.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from email import policy
+from email.parser import BytesParser
+from pathlib import Path
+
+import pytest
+from click.testing import Result
+from sqlalchemy import Engine, select, update
+
+from drip import db
+from drip.claims import claim_due
+from drip.clock import Clock
+from drip.errors import TransientDeliveryError
+from drip.models import Delivery, Enrolment, Event, Patient
+from drip.sending import BACKOFF_BASE, BACKOFF_CAP, MAX_ATTEMPTS, Sender, backoff
+from drip.settings import Settings
+from drip.transports import MemoryTransport, Transport, open_transport
+from tests.smtp_servers import CapturingServer, ScriptedServer
+
+Drip = Callable[..., Result]
+NOW = datetime(2026, 10, 30, 14, 1, tzinfo=UTC)  # Fri 10:01 in New York
+LEASE = timedelta(seconds=300)
+
+
+@pytest.fixture
+def enrolled(drip: Drip) -> Callable[..., None]:
+    def enrol(*emails: str) -> None:
+        for email in emails or ("ana@example.com",):
+            result = drip(
+                "enroll",
+                email,
+                "--campaign",
+                "ketamine-onboarding",
+                "--first-name",
+                "Zoë",
+                "--last-name",
+                "O'Brien",
+                "--first-session",
+                "2026-11-09",
+            )
+            assert result.exit_code == 0, result.output
+
+    return enrol
+
+
+def near(value: datetime | None, expected: datetime) -> bool:
+    """The Clock runs on from its start, so recorded times are a little after it."""
+    return value is not None and timedelta(0) <= value - expected < timedelta(seconds=5)
+
+
+def claim(engine: Engine, now: datetime = NOW) -> list[int]:
+    with db.transaction(engine) as session:
+        return claim_due(session, now=now, limit=100, lease=LEASE)
+
+
+def sender(engine: Engine, settings: Settings, transport: Transport, now: datetime = NOW) -> Sender:
+    return Sender(engine, settings, transport, Clock(now), rng=random.Random(7))
+
+
+def rows(engine: Engine) -> dict[int, Delivery]:
+    with db.transaction(engine) as session:
+        return {d.id: d for d in session.scalars(select(Delivery))}
+
+
+def smtp(port: int) -> Transport:
+    return open_transport(f"smtp://127.0.0.1:{port}", timeout=5)
+
+
+@pytest.fixture
+def capture() -> Iterator[CapturingServer]:
+    with CapturingServer() as server:
+        yield server
+
+
+def test_a_batch_is_sent_once_and_recorded_with_its_message_id(
+    enrolled: Callable[..., None], engine: Engine, settings: Settings, capture: CapturingServer
+) -> None:
+    enrolled("ana@example.com", "ben@example.com")
+    ids = claim(engine)
+    with smtp(capture.port) as transport:
+        report = sender(engine, settings, transport).send_batch(ids)
+        assert report.sent == 2
+        assert sender(engine, settings, transport).send_batch(ids).sent == 0  # a second copy
+    messages = capture.wait_for(2)
+    assert len(messages) == 2 and capture.connections == 1
+    recorded = rows(engine)
+    for message in messages:
+        parsed = BytesParser(policy=policy.default).parsebytes(message.data)
+        delivery = recorded[int(parsed["X-Drip-Delivery"])]
+        assert delivery.state == "sent" and delivery.attempts == 1
+        assert delivery.message_id == parsed["Message-ID"] and near(delivery.sent_at, NOW)
+        assert message.rcpt_tos == (parsed["To"],)
+        assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        assert "/unsubscribe/" in parsed["List-Unsubscribe"]
+
+
+def test_nobody_gets_an_email_after_being_unsubscribed_paused_or_unenrolled_since_the_claim(
+    enrolled: Callable[..., None], engine: Engine, settings: Settings
+) -> None:
+    enrolled("a@example.com", "b@example.com", "c@example.com", "d@example.com")
+    ids = claim(engine)
+    with engine.begin() as c:
+        c.execute(update(Patient).where(Patient.id == 1).values(unsubscribed_at=NOW))
+        c.execute(update(Enrolment).where(Enrolment.id == 2).values(status="paused"))
+        c.execute(update(Enrolment).where(Enrolment.id == 3).values(status="ended"))
+        c.execute(
+            update(Patient)
+            .where(Patient.id == 4)
+            .values(suppressed_at=NOW, suppressed_reason="bounce 5.1.1")
+        )
+    transport = MemoryTransport()
+    report = sender(engine, settings, transport).send_batch(ids)
+    assert transport.messages == []
+    assert (report.skipped, report.deferred, report.sent) == (3, 1, 0)
+    states = {d.enrolment_id: (d.state, d.last_error) for d in rows(engine).values() if d.id in ids}
+    assert states[1] == ("skipped", "unsubscribed")
+    assert states[2] == ("scheduled", None)  # waits for `drip resume`
+    assert states[3] == ("skipped", "enrolment ended")
+    assert states[4] == ("skipped", "suppressed: bounce 5.1.1")
+
+
+def test_outside_the_send_window_a_row_is_planned_for_the_next_opening(
+    enrolled: Callable[..., None], engine: Engine, settings: Settings
+) -> None:
+    enrolled()
+    ids = claim(engine)
+    late = datetime(2026, 10, 30, 23, 30, tzinfo=UTC)  # 19:30 in New York: closed
+    transport = MemoryTransport()
+    assert sender(engine, settings, transport, late).send_batch(ids).deferred == 1
+    assert transport.messages == []
+    delivery = rows(engine)[ids[0]]
+    assert delivery.state == "scheduled"
+    assert delivery.due_at == datetime(2026, 10, 31, 13, 0, tzinfo=UTC)  # Sat 09:00 EDT
+
+
+def test_451_then_250_retries_with_backoff_and_then_sends(
+    enrolled: Callable[..., None], engine: Engine, settings: Settings
+) -> None:
+    enrolled()
+    [delivery_id] = claim(engine)
+    with ScriptedServer({"RCPT": ["451 4.3.0 try again later"]}) as server:
+        with smtp(server.port) as transport:
+            assert sender(engine, settings, transport).send_batch([delivery_id]).retry == 1
+            first = rows(engine)[delivery_id]
+            assert first.state == "retry" and first.attempts == 1 and "451" in first.last_error
+            assert NOW <= first.due_at <= NOW + BACKOFF_BASE + timedelta(seconds=5)
+            assert claim(engine, NOW) == []  # not before its back-off
+            later = first.due_at + timedelta(seconds=1)
+            assert claim(engine, later) == [delivery_id]
+            assert sender(engine, settings, transport, later).send_batch([delivery_id]).sent == 1
+        assert len(server.bodies) == 1
+    second = rows(engine)[delivery_id]
+    assert second.state == "sent" and second.attempts == 2 and second.last_error is None
+
+
+def test_550_511_fails_the_row_and_suppresses_the_address(
+    enrolled: Callable[..., None], engine: Engine, settings: Settings
+) -> None:
+    enrolled()
+    [delivery_id] = claim(engine)
+    with ScriptedServer({"RCPT": ["550 5.1.1 <ana@example.com>: no such user"]}) as server:
+        with smtp(server.port) as transport:
+            assert sender(engine, settings, transport).send_batch([delivery_id]).failed == 1
+    failed = rows(engine)[delivery_id]
+    assert failed.state == "failed" and "5.1.1" in failed.last_error
+    assert "ana@example.com" not in failed.last_error  # addresses stay out of the database log
+    with engine.connect() as c:
+        patient = c.execute(select(Patient)).one()
+        kinds = list(c.scalars(select(Event.kind)))
+    assert near(patient.suppressed_at, NOW) and "5.1.1" in patient.suppressed_reason
+    assert "patient.suppressed" in kinds and "delivery.failed" in kinds
+    # the patient's next email is skipped, not sent
+    later = NOW + timedelta(days=1, hours=1)
+    ids = claim(engine, later)
+    transport = MemoryTransport()
+    assert sender(engine, settings, transport, later).send_batch(ids).skipped == len(ids) > 0
+    assert transport.messages == []
+
+
+def test_a_5xx_that_is_not_about_the_mailbox_fails_without_suppressing(
+    enrolled: Callable[..., None], engine: Engine, settings: Settings
+) -> None:
+    enrolled()
+    ids = claim(engine)
+    with ScriptedServer({".": ["554 5.7.1 message refused"]}) as server:
+        with smtp(server.port) as transport:
+            assert sender(engine, settings, transport).send_batch(ids).failed == 1
+    with engine.connect() as c:
+        assert c.scalar(select(Patient.suppressed_at)) is None
+
+
+def test_421_at_greeting_retries_and_the_rest_of_the_batch_waits(
+    enrolled: Callable[..., None], engine: Engine, settings: Settings
+) -> None:
+    enrolled("a@example.com", "b@example.com", "c@example.com", "d@example.com")
+    ids = claim(engine)
+    closing = ["421 4.3.2 shutting down"] * 10
+    with ScriptedServer({"CONNECT": closing}) as server:
+        with smtp(server.port) as transport:
+            report = sender(engine, settings, transport).send_batch(ids)
+    assert report.retry == 4 and report.sent == 0
+    after = [rows(engine)[i] for i in ids]
+    assert all(d.state == "retry" and d.due_at > NOW for d in after)
+    # two were attempted (and counted); the other two were not tried against a failing server
+    assert sorted(d.attempts for d in after) == [0, 0, 1, 1]
+    assert all("421" in d.last_error or "not attempted" in d.last_error for d in after)
+
+
+def test_a_connection_dropped_after_data_is_unknown_and_never_resent(
+    enrolled: Callable[..., None], engine: Engine, settings: Settings
+) -> None:
+    enrolled()
+    ids = claim(engine)
+    with ScriptedServer({".": ["DROP"]}) as server:
+        with smtp(server.port) as transport:
+            assert sender(engine, settings, transport).send_batch(ids).unknown == 1
+    delivery = rows(engine)[ids[0]]
+    assert delivery.state == "unknown" and delivery.attempts == 1
+    with db.transaction(engine) as session:
+        later = claim_due(session, now=NOW + timedelta(days=90), limit=1000, lease=LEASE)
+    assert ids[0] not in later
+
+
+def test_transient_failures_give_up_after_the_stated_number_of_attempts(
+    enrolled: Callable[..., None], engine: Engine, settings: Settings
+) -> None:
+    enrolled()
+    [delivery_id] = claim(engine)
+    with engine.begin() as c:
+        c.execute(
+            update(Delivery).where(Delivery.id == delivery_id).values(attempts=MAX_ATTEMPTS - 1)
+        )
+    transport = MemoryTransport([TransientDeliveryError("451 4.4.1 timeout")])
+    assert sender(engine, settings, transport).send_batch([delivery_id]).failed == 1
+    delivery = rows(engine)[delivery_id]
+    assert delivery.state == "failed" and delivery.attempts == MAX_ATTEMPTS
+    assert f"gave up after {MAX_ATTEMPTS} attempts" in delivery.last_error
+
+
+@pytest.mark.parametrize("attempts", [1, 2, 3, 5, 8, 20])
+def test_backoff_is_full_jitter_under_an_exponential_cap(attempts: int) -> None:
+    rng = random.Random(attempts)
+    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempts - 1))
+    delays = [backoff(attempts, rng) for _ in range(500)]
+    assert all(timedelta(0) <= d <= ceiling for d in delays)
+    assert max(delays) > ceiling * 0.9 and min(delays) < ceiling * 0.1  # spread over the range
+
+
+def test_a_broken_template_fails_the_row_and_sends_nothing(
+    enrolled: Callable[..., None], engine: Engine, settings: Settings, tmp_path: Path
+) -> None:
+    enrolled()
+    ids = claim(engine)
+    templates = tmp_path / "templates"
+    shutil.copytree(settings.templates_dir, templates)
+    (templates / "ketamine-onboarding" / "welcome.txt.j2").write_text(
+        "{% extends '_layout.txt.j2' %}{% block content %}{{ favourite_colour }}{% endblock %}"
+    )
+    broken = replace(settings, templates_dir=templates)
+    transport = MemoryTransport()
+    assert sender(engine, broken, transport).send_batch(ids).failed == 1
+    assert transport.messages == []
+    delivery = rows(engine)[ids[0]]
+    assert delivery.state == "failed" and delivery.last_error.startswith("render:")
+    assert "welcome.txt.j2" in delivery.last_error
+
+
+def test_ids_that_are_no_longer_claimed_are_left_alone(
+    enrolled: Callable[..., None], engine: Engine, settings: Settings
+) -> None:
+    enrolled()
+    ids = claim(engine)
+    with engine.begin() as c:
+        c.execute(update(Delivery).where(Delivery.id == ids[0]).values(state="cancelled"))
+    transport = MemoryTransport()
+    report = sender(engine, settings, transport).send_batch([*ids, 999_999])
+    assert report.not_ours == 2 and transport.messages == []
+    assert rows(engine)[ids[0]].state == "cancelled"

@@ -1,0 +1,168 @@
+"""Building the bytes of one email (RFC 5322 + MIME) directly, in tens of microseconds.
+
+Python's `email` package takes 2-3 ms to build a message, ten times an SMTP round trip on a pooled
+connection. Every email drip sends has the same shape, so it is written out here by hand:
+
+    headers                          From, To, Subject, Date, Message-ID, MIME-Version,
+                                     List-Unsubscribe (+ -Post, RFC 8058), X-Drip-Delivery
+    multipart/alternative
+    ├── text/plain; charset="utf-8"  quoted-printable
+    └── text/html;  charset="utf-8"  quoted-printable (last: clients show the last they can)
+
+The costly header work, RFC 2047 encoding and folding of the From display name and the Subject,
+is done by the `email` package once per distinct value and cached. Bodies go through
+binascii.b2a_qp (C), so lines are at most 76 characters and end in CRLF; a line that would start
+with "." or "From " gets that character encoded, as some relays mangle such lines. Header lines
+are ASCII and far below the 998-octet limit; values that would break that (a newline, non-ASCII)
+are refused with ValueError rather than sent.
+"""
+
+from __future__ import annotations
+
+import binascii
+import re
+import secrets
+import time
+from datetime import datetime
+from email import policy
+from email.headerregistry import Address
+from email.utils import format_datetime, parseaddr
+from functools import lru_cache
+
+from drip.rendering import Rendered
+
+CRLF = b"\r\n"
+MAX_HEADER_LINE = 998
+_PART_HEAD = (
+    b'Content-Type: text/%s; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n'
+)
+_HEADER_VALUE = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces or line breaks
+_QP_UNIT = re.compile(rb"=[0-9A-F]{2}|[^=]")
+_LINE_START_ESCAPES = {b".": b"=2E", b"F": b"=46"}
+
+
+def make_message_id(from_address: str) -> str:
+    """A new globally unique Message-ID: <random.timestamp@the From address's domain>."""
+    return f"<{secrets.token_hex(8)}.{time.time_ns()}@{_domain(from_address)}>"
+
+
+def build_message(
+    rendered: Rendered,
+    *,
+    to: str,
+    from_address: str,
+    message_id: str,
+    date: datetime,
+    unsubscribe_url: str,
+    delivery_id: int | None = None,
+) -> bytes:
+    """The whole message, CRLF line endings, ready for SMTP DATA or an .eml file."""
+    boundary = b"=_drip_" + secrets.token_hex(12).encode()  # "=_" never occurs in QP output
+    parts = [
+        _headers(rendered, to, from_address, message_id, date, unsubscribe_url, delivery_id),
+        b'Content-Type: multipart/alternative;\r\n boundary="%s"\r\n\r\n' % boundary,
+        b"--%s\r\n" % boundary,
+        _PART_HEAD % b"plain",
+        _quoted_printable(rendered.text),
+        b"\r\n--%s\r\n" % boundary,
+        _PART_HEAD % b"html",
+        _quoted_printable(rendered.html),
+        b"\r\n--%s--\r\n" % boundary,
+    ]
+    return b"".join(parts)
+
+
+def _headers(
+    rendered: Rendered,
+    to: str,
+    from_address: str,
+    message_id: str,
+    date: datetime,
+    unsubscribe_url: str,
+    delivery_id: int | None,
+) -> bytes:
+    if date.tzinfo is None:
+        raise ValueError("date must be timezone-aware: a Date header needs its offset")
+    lines = [
+        _from_header(from_address),
+        b"To: %s\r\n" % _header_value("To", to),
+        _subject_header(rendered.subject),
+        b"Date: %s\r\n" % format_datetime(date).encode("ascii"),
+        b"Message-ID: %s\r\n" % _header_value("Message-ID", message_id),
+        b"MIME-Version: 1.0\r\n",
+        b"List-Unsubscribe: <%s>\r\n" % _header_value("List-Unsubscribe", unsubscribe_url),
+        b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
+    ]
+    if delivery_id is not None:
+        lines.append(b"X-Drip-Delivery: %d\r\n" % delivery_id)
+    return b"".join(lines)
+
+
+def _header_value(name: str, value: str) -> bytes:
+    """A value written as it is: printable ASCII without spaces, so it cannot inject a header."""
+    if not _HEADER_VALUE.fullmatch(value) or len(value) > MAX_HEADER_LINE - 80:
+        raise ValueError(f"{name} {value!r} is not a short printable-ASCII value without spaces")
+    return value.encode("ascii")
+
+
+@lru_cache(maxsize=64)
+def _from_header(from_address: str) -> bytes:
+    """From with its display name, quoted or RFC 2047-encoded and folded by the email package."""
+    display_name, addr_spec = parseaddr(from_address)
+    if "@" not in addr_spec:
+        raise ValueError(f"from address {from_address!r} has no addr-spec like care@clinic.example")
+    address = Address(display_name=display_name, addr_spec=addr_spec)
+    return _fold("From", address)
+
+
+@lru_cache(maxsize=256)
+def _subject_header(subject: str) -> bytes:
+    """Subjects are per step, so each is encoded once."""
+    if not subject.strip() or "\n" in subject or "\r" in subject:
+        raise ValueError(f"subject {subject!r} must be one non-empty line")
+    return _fold("Subject", subject)
+
+
+def _fold(name: str, value: object) -> bytes:
+    folded = policy.SMTP.header_factory(name, value).fold(policy=policy.SMTP)
+    data: bytes = folded.encode("ascii")
+    if any(len(line) > MAX_HEADER_LINE for line in data.split(CRLF)):
+        raise ValueError(f"{name} header is too long to fold under {MAX_HEADER_LINE} octets")
+    return data
+
+
+@lru_cache(maxsize=64)
+def _domain(from_address: str) -> str:
+    domain = parseaddr(from_address)[1].rpartition("@")[2]
+    if not domain:
+        raise ValueError(f"from address {from_address!r} has no domain for a Message-ID")
+    return domain.encode("idna").decode("ascii")
+
+
+def _quoted_printable(text: str) -> bytes:
+    """UTF-8 text as quoted-printable lines of at most 76 characters, CRLF, ending in CRLF."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not text.endswith("\n"):
+        text += "\n"  # b2a_qp picks CRLF soft breaks only after it has seen a CRLF
+    encoded = binascii.b2a_qp(text.replace("\n", "\r\n").encode("utf-8"), istext=True)
+    if _unsafe(encoded) or b"\n." in encoded or b"\nFrom " in encoded:  # bytes.find is memchr-fast
+        lines = encoded.split(CRLF)
+        encoded = CRLF.join(_rewrap(line) if _unsafe(line) else line for line in lines)
+    return encoded
+
+
+def _unsafe(line: bytes) -> bool:
+    return line.startswith((b".", b"From "))
+
+
+def _rewrap(line: bytes) -> bytes:
+    """Re-break one encoded line, encoding a '.' or 'F' that would start any of its lines."""
+    soft = line.endswith(b"=")
+    lines, current = [], b""
+    for unit in _QP_UNIT.findall(line[:-1] if soft else line):
+        if len(current) + len(unit) > 75:
+            lines.append(current + b"=")
+            current = b""
+        current += unit if current else _LINE_START_ESCAPES.get(unit, unit)
+    lines.append(current + b"=" if soft else current)
+    return CRLF.join(lines)

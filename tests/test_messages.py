@@ -1,0 +1,185 @@
+"""Hand-built MIME: the strict parser finds no defect, and every part decodes to what went in."""
+
+from __future__ import annotations
+
+import random
+import re
+import sys
+import time
+from datetime import UTC, datetime, timedelta, timezone
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import pytest
+
+from drip.campaigns import load_campaign
+from drip.messages import build_message, make_message_id
+from drip.rendering import Rendered, Renderer
+from drip.settings import PROJECT_ROOT, Settings
+
+FROM = '"Lakeside Clinic (demo)" <care@clinic.example>'
+URL = "https://drip.clinic.example/u/3.AbC_-9xYz"
+DATE = datetime(2026, 11, 2, 10, 0, tzinfo=timezone(timedelta(hours=-5)))
+STRICT = policy.default.clone(raise_on_defect=True)
+RENDERED = Rendered(
+    subject="Welcome to your care team",
+    preheader="What these emails will cover",
+    text="Hi Zoë,\n\nWelcome.\n",
+    html='<!DOCTYPE html>\n<html lang="en"><body><p>Hi Zoë,</p></body></html>\n',
+)
+
+
+def build(rendered: Rendered = RENDERED, **overrides: Any) -> bytes:
+    arguments: dict[str, Any] = {
+        "to": "zoe@example.com",
+        "from_address": FROM,
+        "message_id": "<abc.123@clinic.example>",
+        "date": DATE,
+        "unsubscribe_url": URL,
+        "delivery_id": 42,
+    } | overrides
+    return build_message(rendered, **arguments)
+
+
+def parse(raw: bytes) -> EmailMessage:
+    """Parse strictly, and fail on any defect the strict policy only records."""
+    message = BytesParser(policy=STRICT).parsebytes(raw)
+    assert isinstance(message, EmailMessage)
+    for part in message.walk():
+        assert not part.defects, part.defects
+        for name, value in part.items():
+            assert not getattr(value, "defects", ()), (name, value.defects)
+    return message
+
+
+def parts(message: EmailMessage) -> tuple[str, str]:
+    """The decoded text and html parts, line ends as Python strings have them."""
+    text, html = (part.get_content().replace("\r\n", "\n") for part in message.iter_parts())
+    return text, html
+
+
+def test_a_message_parses_strictly_with_every_header_drip_promises() -> None:
+    message = parse(build())
+    assert str(message["From"]) == FROM
+    assert message["From"].addresses[0].display_name == "Lakeside Clinic (demo)"
+    assert str(message["To"]) == "zoe@example.com"
+    assert str(message["Subject"]) == RENDERED.subject
+    assert parsedate_to_datetime(str(message["Date"])) == DATE
+    assert str(message["Message-ID"]) == "<abc.123@clinic.example>"
+    assert str(message["MIME-Version"]) == "1.0"
+    assert str(message["List-Unsubscribe"]) == f"<{URL}>"
+    assert str(message["List-Unsubscribe-Post"]) == "List-Unsubscribe=One-Click"
+    assert str(message["X-Drip-Delivery"]) == "42"
+    assert "X-Drip-Delivery" not in parse(build(delivery_id=None))
+
+
+def test_the_body_is_text_then_html_quoted_printable_utf8_and_decodes_to_the_rendered_parts() -> (
+    None
+):
+    message = parse(build())
+    assert message.get_content_type() == "multipart/alternative"
+    kinds = [part.get_content_type() for part in message.iter_parts()]
+    assert kinds == ["text/plain", "text/html"]
+    for part in message.iter_parts():
+        assert part.get_content_charset() == "utf-8"
+        assert part["Content-Transfer-Encoding"] == "quoted-printable"
+    assert parts(message) == (RENDERED.text, RENDERED.html)
+
+
+def test_a_rendered_campaign_email_round_trips() -> None:
+    settings = Settings()
+    campaign = load_campaign(PROJECT_ROOT / "templates" / "emails", "ketamine-onboarding")
+    patient = {"first_name": "José-María", "last_name": "O'Brien", "unsubscribe_url": URL}
+    renderer = Renderer(settings)
+    for step in campaign.step_keys:
+        rendered = renderer.render(campaign, step, patient)
+        assert parts(parse(build(rendered))) == (rendered.text, rendered.html)
+
+
+def test_a_non_ascii_subject_and_display_name_are_encoded_and_round_trip() -> None:
+    subject = (
+        "Bienvenue à votre équipe de soins, Zoë — voici ce qu’il faut savoir avant la visite 李"
+    )
+    sender = "Clínica Lago Azul «demo» <cuidado@clinica.example>"
+    raw = build(
+        Rendered(subject=subject, preheader="", text="x\n", html="<p>x</p>\n"),
+        from_address=sender,
+    )
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    head.decode("ascii")  # RFC 2047 encoded words, not raw UTF-8
+    assert max(len(line) for line in head.split(b"\r\n")) <= 78
+    message = parse(raw)
+    assert str(message["Subject"]) == subject
+    assert message["From"].addresses[0].display_name == "Clínica Lago Azul «demo»"
+    assert message["From"].addresses[0].addr_spec == "cuidado@clinica.example"
+
+
+def test_lines_are_crlf_at_most_76_characters_in_bodies_and_78_in_headers() -> None:
+    long_line = "word " * 60 + "Ünïcödé " * 30
+    raw = build(Rendered("Hi", "", long_line + "\n" + "é" * 200, f"<p>{long_line}</p>\n"))
+    assert b"\n" not in raw.replace(b"\r\n", b"") and b"\r" not in raw.replace(b"\r\n", b"")
+    head, body = raw.split(b"\r\n\r\n", 1)
+    assert max(len(line) for line in head.split(b"\r\n")) <= 78
+    assert max(len(line) for line in body.split(b"\r\n")) <= 76
+    assert parts(parse(raw)) == (long_line + "\n" + "é" * 200 + "\n", f"<p>{long_line}</p>\n")
+
+
+def test_lines_starting_with_a_dot_or_from_are_encoded_and_everything_round_trips() -> None:
+    """Random texts full of the awkward cases: dots and "From " at line starts, after soft breaks
+    too, long lines, trailing spaces, non-ASCII, = signs."""
+    pieces = [".", "..", "From ", "From", "=", " ", "\t", "a", "word ", "ü", "李", "\n", "\n.", "-"]
+    chooser = random.Random(20261102)
+    for _ in range(300):
+        text = "".join(chooser.choice(pieces) for _ in range(chooser.randint(1, 400))) + "\n"
+        raw = build(Rendered("Hi", "", text, "<p>x</p>\n"))
+        body = raw.split(b"\r\n\r\n", 1)[1]
+        for line in body.split(b"\r\n"):
+            assert len(line) <= 76, line
+            assert not line.startswith((b".", b"From ")), line
+        assert parts(parse(raw))[0] == text
+
+
+def test_message_ids_are_unique_and_use_the_from_domain() -> None:
+    ids = {make_message_id(FROM) for _ in range(1000)}
+    assert len(ids) == 1000
+    for message_id in ids:
+        assert re.fullmatch(r"<[0-9a-f]+\.[0-9]+@clinic\.example>", message_id)
+    assert make_message_id("Clinic <care@bücher.example>").endswith("@xn--bcher-kva.example>")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"to": "zoe@example.com\r\nBcc: all@example.com"},
+        {"to": "Zoë <zoe@example.com>"},
+        {"message_id": "<a@b>\r\nX: y"},
+        {"unsubscribe_url": "https://x.example/u/é"},
+        {"date": datetime(2026, 11, 2, 10, 0)},
+        {"from_address": "no address"},
+    ],
+)
+def test_values_that_would_break_the_headers_are_refused(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        build(**bad)
+
+
+def test_a_subject_with_a_line_break_is_refused() -> None:
+    with pytest.raises(ValueError, match="one non-empty line"):
+        build(Rendered("Hi\r\nBcc: x@example.com", "", "x", "x"))
+
+
+@pytest.mark.skipif(sys.gettrace() is not None, reason="timing under a tracer means nothing")
+def test_building_takes_well_under_half_a_millisecond() -> None:
+    settings = Settings()
+    campaign = load_campaign(PROJECT_ROOT / "templates" / "emails", "ketamine-onboarding")
+    rendered = Renderer(settings).render(
+        campaign, "welcome", {"first_name": "Zoë", "last_name": "", "unsubscribe_url": URL}
+    )
+    now = datetime.now(UTC)
+    start = time.perf_counter()
+    for i in range(1000):
+        build(rendered, message_id=make_message_id(FROM), date=now, delivery_id=i)
+    assert (time.perf_counter() - start) / 1000 < 0.0005

@@ -405,9 +405,10 @@ if __name__ == "__main__":
 
 @cli.command()
 @click.option("--concurrency", "-c", type=click.IntRange(1, 64), help="Worker processes.")
+@click.option("--name", help="Node name, unique per machine (default: celery@HOST).")
 @click.option("--loglevel", default="INFO", show_default=True)
 @pass_app
-def worker(app: App, concurrency: int | None, loglevel: str) -> None:
+def worker(app: App, concurrency: int | None, name: str | None, loglevel: str) -> None:
     """A Celery worker: sends due emails (task events on, so Flower sees it)."""
     from drip import tasks
 
@@ -419,6 +420,8 @@ def worker(app: App, concurrency: int | None, loglevel: str) -> None:
     ]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")
+    if name:
+        argv.append(f"--hostname={name}@%h")
     with broker(app.settings.broker_url, app.settings.var_dir) as url:
         db.require_current_schema(app.engine)
         app.close()  # the worker's processes make their own connections after the fork

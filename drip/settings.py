@@ -94,7 +94,8 @@ def _url(field: str, schemes: tuple[str, ...], example: str) -> Parser:
                 f"set it like {example}"
             )
         parts = urlsplit(raw)
-        if base in ("smtp", "smtps", "redis", "rediss", "http", "https") and not parts.hostname:
+        needs_host = ("smtp", "smtps", "redis", "rediss", "http", "https")
+        if scheme in needs_host and not parts.hostname:
             raise ConfigError(f"{name} has no host; set it like {example}")
         try:
             parts.port  # noqa: B018 - raises ValueError on a bad port

@@ -16,6 +16,7 @@ they started on exit. Use them as context managers:
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import socket
 import socketserver
@@ -91,8 +92,10 @@ class CapturingServer(_Threaded):
         tls_context: ssl.SSLContext | None = None,
         implicit_tls: bool = False,
         credentials: tuple[str, str] | None = None,
+        delay: float = 0.0,
     ) -> None:
         self.messages: list[Captured] = []
+        self.delay = delay  # seconds before the reply to each message: a slow server
         self.connections = 0
         self.logins: list[str] = []
         self._changed = threading.Condition()
@@ -153,6 +156,8 @@ class _Collector:
         self.owner = owner
 
     async def handle_DATA(self, server: AioSMTP, session: Session, envelope: Envelope) -> str:
+        if self.owner.delay:
+            await asyncio.sleep(self.owner.delay)
         data = envelope.original_content or b""
         self.owner._record(Captured(envelope.mail_from or "", tuple(envelope.rcpt_tos), data))
         return "250 2.0.0 Ok: queued"

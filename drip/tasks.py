@@ -62,7 +62,9 @@ def configure(settings: Settings, broker_url: str) -> Celery:
                 "options": {"expires": max(settings.tick_seconds * 2, 10)},
             }
         },
-        beat_schedule_filename=str(settings.var_dir / "celerybeat-schedule"),
+        # Ticks are idempotent, so beat needs no memory of past runs: no schedule file, and any
+        # number of beats may run anywhere.
+        beat_scheduler="celery.beat:Scheduler",
     )
     _configured.update(settings=settings, broker_url=broker_url)
     return app

@@ -14,10 +14,10 @@ from datetime import datetime
 from itertools import islice
 from typing import Any
 
-from sqlalchemy import and_, case, insert, or_, select, update
+from sqlalchemy import and_, case, or_, select, update
 from sqlalchemy.orm import Session
 
-from drip import events
+from drip import db, events
 from drip.campaigns import Campaign
 from drip.db import rowcount
 from drip.errors import InputError, NotFound
@@ -127,10 +127,13 @@ def _enrol_chunk(
     counts.already += len(chunk) - len(todo)
     if not todo:
         return
-    rows = session.execute(
-        insert(ENROLMENTS).returning(Enrolment.id, Enrolment.patient_id),
+    rows = db.insert_many(
+        session,
+        ENROLMENTS,
         [_enrolment_row(ids[p.email_key], slug, p, now) for p in todo],
-    ).all()
+        ENROLMENTS.c.id,
+        ENROLMENTS.c.patient_id,
+    )
     by_patient = {p_id: e_id for e_id, p_id in rows}
     deliveries: list[dict[str, Any]] = []
     logged: list[dict[str, Any]] = []
@@ -144,7 +147,7 @@ def _enrol_chunk(
         logged.append(
             events.event_row(now, actor, "enrolled", patient_id, enrolment_id, None, slug)
         )
-    session.execute(insert(DELIVERIES), deliveries)
+    db.insert_many(session, DELIVERIES, deliveries)
     events.record_many(session, logged)
     counts.enrolled += len(todo)
     if len(counts.enrolment_ids) < 100:
@@ -161,11 +164,8 @@ def _patient_ids(session: Session, chunk: list[PatientInput], now: datetime) -> 
     )
     new = [p for p in chunk if p.email_key not in ids]
     if new:
-        created = session.execute(
-            insert(PATIENTS).returning(Patient.email_key, Patient.id),
-            [_patient_row(p, now) for p in new],
-        )
-        ids.update(created.all())
+        rows = [_patient_row(p, now) for p in new]
+        ids.update(db.insert_many(session, PATIENTS, rows, PATIENTS.c.email_key, PATIENTS.c.id))
     return ids
 
 

@@ -6,9 +6,9 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
+from drip import db
 from drip.models import EVENTS
 
 
@@ -50,7 +50,5 @@ def event_row(
 
 
 def record_many(session: Session, rows: Iterable[dict[str, Any]]) -> None:
-    """Append many events in one executemany."""
-    batch = list(rows)
-    if batch:
-        session.execute(insert(EVENTS), batch)
+    """Append many events in one go."""
+    db.insert_many(session, EVENTS, list(rows))

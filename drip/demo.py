@@ -308,7 +308,7 @@ def _owed(engine: Engine, now: datetime) -> int:
 
 def _first_enrolled(engine: Engine) -> datetime:
     with engine.connect() as connection:
-        value = connection.scalar(select(func.min(Enrolment.enrolled_at)))
+        value: datetime | None = connection.scalar(select(func.min(Enrolment.enrolled_at)))
     assert value is not None
     return value
 

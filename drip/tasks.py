@@ -13,11 +13,11 @@ import atexit
 import os
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
 import redis
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 from sqlalchemy import Engine
 
 from drip import db
@@ -112,7 +112,7 @@ class Runtime:
 
     def queue_depth(self) -> int:
         """Batches waiting in the send queue (Celery's Redis transport keeps a queue as a list)."""
-        return int(self.redis.llen(SEND_QUEUE))
+        return int(cast(int, self.redis.llen(SEND_QUEUE)))
 
 
 _current: list[Runtime] = []

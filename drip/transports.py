@@ -139,7 +139,9 @@ def _smtp_from_url(parts: SplitResult, scheme: str, timeout: float) -> SMTPTrans
     if options.get("tls") == "required" and scheme == "smtp":
         tls = "required"
     if not parts.hostname:
-        raise ConfigError("DRIP_MAIL_URL has no host; set it like smtp://user:pass@mail.example:587")
+        raise ConfigError(
+            "DRIP_MAIL_URL has no host; set it like smtp://user:pass@mail.example:587"
+        )
     try:
         port = parts.port
     except ValueError:
@@ -267,8 +269,13 @@ class SMTPTransport(_Closing):
         self._body(smtp, payload)
 
     def _mail(
-        self, smtp: smtplib.SMTP, sender: str, recipient: str, message: bytes,
-        *, stale_is_possible: bool,
+        self,
+        smtp: smtplib.SMTP,
+        sender: str,
+        recipient: str,
+        message: bytes,
+        *,
+        stale_is_possible: bool,
     ) -> None:
         """MAIL FROM. On a reused connection, a drop or 421 here usually means the server timed
         the idle connection out: nothing of this message went out, so try once on a fresh one."""
@@ -302,8 +309,12 @@ class SMTPTransport(_Closing):
         return options
 
     def _command(
-        self, smtp: smtplib.SMTP, stage: str, call: Callable[[], tuple[int, bytes]],
-        *, expect: int | None = None,
+        self,
+        smtp: smtplib.SMTP,
+        stage: str,
+        call: Callable[[], tuple[int, bytes]],
+        *,
+        expect: int | None = None,
     ) -> None:
         """One command whose failure means nothing of the message was accepted."""
         try:
@@ -488,8 +499,7 @@ def _refusal(where: str, stage: str, code: int, text: bytes) -> DeliveryError:
     reply = _reply(code, text)
     if code == 530:
         return TransientDeliveryError(
-            f"{where} requires authentication at {stage}: {reply}; "
-            "put user:pass in DRIP_MAIL_URL"
+            f"{where} requires authentication at {stage}: {reply}; put user:pass in DRIP_MAIL_URL"
         )
     if 500 <= code < 600:
         enhanced = _enhanced(text)

@@ -310,8 +310,9 @@ class ScriptedServer(_Threaded):
                 return queue.popleft()
         if verb == "EHLO":
             lines = ["scripted.test", *self.extensions]
-            return "\r\n".join(f"250{'-' if i < len(lines) - 1 else ' '}{line}"
-                               for i, line in enumerate(lines))
+            return "\r\n".join(
+                f"250{'-' if i < len(lines) - 1 else ' '}{line}" for i, line in enumerate(lines)
+            )
         return _DEFAULTS.get(verb, "502 5.5.2 Error: command not recognized")
 
     def record(self, command: str | None = None, body: bytes | None = None) -> None:

@@ -71,8 +71,13 @@ class Pipeline:
 
     def start(self, *args: str) -> subprocess.Popen[bytes]:
         log = (self.root / f"{args[0]}-{len(self.processes)}.log").open("wb")
-        process = subprocess.Popen([sys.executable, "-m", "drip", *args], env=self.env,
-                                   cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "drip", *args],
+            env=self.env,
+            cwd=self.root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         self.processes.append(process)
         return process
@@ -101,26 +106,44 @@ class Pipeline:
 
     def states(self) -> Counter[str]:
         with self.engine.connect() as c:
-            return Counter(dict(c.execute(
-                select(Delivery.state, func.count()).group_by(Delivery.state)).all()))
+            return Counter(
+                dict(c.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all())
+            )
 
     def owed(self) -> int:
         """Rows due by now that are not finished yet."""
         with self.engine.connect() as c:
-            return int(c.scalar(
-                select(func.count()).select_from(Delivery)
-                .join(Enrolment, Enrolment.id == Delivery.enrolment_id)
-                .where(Delivery.state.in_(OWED), Delivery.due_at <= self.now(),
-                       Enrolment.status == "active")) or 0)
+            return int(
+                c.scalar(
+                    select(func.count())
+                    .select_from(Delivery)
+                    .join(Enrolment, Enrolment.id == Delivery.enrolment_id)
+                    .where(
+                        Delivery.state.in_(OWED),
+                        Delivery.due_at <= self.now(),
+                        Enrolment.status == "active",
+                    )
+                )
+                or 0
+            )
 
     def next_due(self) -> datetime | None:
         with self.engine.connect() as c:
-            return c.scalar(select(func.min(Delivery.due_at)).where(
-                Delivery.state.in_(OWED), Delivery.due_at.is_not(None)))
+            return c.scalar(
+                select(func.min(Delivery.due_at)).where(
+                    Delivery.state.in_(OWED), Delivery.due_at.is_not(None)
+                )
+            )
 
     def ids_in(self, *states: str) -> set[int]:
         with self.engine.connect() as c:
             return set(c.scalars(select(Delivery.id).where(Delivery.state.in_(states))))
+
+    def wait_for_messages(self, n: int, timeout: float = 60) -> None:
+        try:
+            self.smtp.wait_for(n, timeout)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; states {self.states()}\n{self.logs()}") from None
 
     def wait_settled(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -196,11 +219,15 @@ def many(n: int) -> list[str]:
 def test_walking_the_calendar_every_email_arrives_once_at_its_local_time(
     drip: Callable[..., Result], pipeline: Pipeline
 ) -> None:
-    enrol_csv(drip, pipeline, [
-        "ana@example.com,Ana,America/New_York,2026-11-04T14:00",
-        "zoe@example.com,Zoë,Europe/London,2026-11-05",
-        "kenji@example.com,Kenji,America/Los_Angeles,2026-11-03T09:00",
-    ])
+    enrol_csv(
+        drip,
+        pipeline,
+        [
+            "ana@example.com,Ana,America/New_York,2026-11-04T14:00",
+            "zoe@example.com,Zoë,Europe/London,2026-11-05",
+            "kenji@example.com,Kenji,America/Los_Angeles,2026-11-03T09:00",
+        ],
+    )
     pipeline.worker()
     pipeline.beat()
     pipeline.walk()
@@ -214,8 +241,9 @@ def test_walking_the_calendar_every_email_arrives_once_at_its_local_time(
         local = parsedate_to_datetime(str(parsed["Date"])).astimezone(ZoneInfo(zones[parsed["To"]]))
         assert 9 <= local.hour < 19, f"sent at {local} local time"
         due = planned[int(parsed["X-Drip-Delivery"])]
-        assert timedelta(0) <= parsedate_to_datetime(str(parsed["Date"])) - due < timedelta(
-            seconds=30), "sent at its due time"
+        assert (
+            timedelta(0) <= parsedate_to_datetime(str(parsed["Date"])) - due < timedelta(seconds=30)
+        ), "sent at its due time"
 
 
 def test_sigkill_of_a_worker_child_mid_batch_loses_and_repeats_nothing(
@@ -225,7 +253,7 @@ def test_sigkill_of_a_worker_child_mid_batch_loses_and_repeats_nothing(
     enrol_csv(drip, pipeline, many(200))
     worker = pipeline.worker(concurrency=2)
     pipeline.beat()
-    pipeline.smtp.wait_for(30, timeout=60)
+    pipeline.wait_for_messages(30)
     children = psutil.Process(worker.pid).children()
     assert children, pipeline.logs()
     assert len(pipeline.smtp.messages) < 200  # mid-run
@@ -247,7 +275,7 @@ def test_flushall_mid_run_loses_nothing(
     enrol_csv(drip, pipeline, many(200))
     pipeline.worker()
     pipeline.beat()
-    pipeline.smtp.wait_for(20, timeout=60)
+    pipeline.wait_for_messages(20)
     assert pipeline.ids_in("claimed")  # ids are waiting in Redis…
     redis_client(redis_url).flushall()  # …and now they are gone
     pipeline.set_now(pipeline.now() + timedelta(seconds=LEASE_SECONDS + 1))
@@ -263,7 +291,7 @@ def test_killing_and_restarting_the_ticker_loses_and_repeats_nothing(
     enrol_csv(drip, pipeline, many(150))
     pipeline.worker()
     ticker = pipeline.beat()
-    pipeline.smtp.wait_for(10, timeout=60)
+    pipeline.wait_for_messages(10)
     ticker.send_signal(signal.SIGKILL)
     ticker.wait()
     assert len(pipeline.smtp.messages) < 150  # mid-run
@@ -277,9 +305,11 @@ def test_killing_and_restarting_the_ticker_loses_and_repeats_nothing(
 def test_two_tickers_and_two_worker_nodes_at_once(
     drip: Callable[..., Result], pipeline: Pipeline
 ) -> None:
-    enrol_csv(drip, pipeline, [
-        f"p{i}@example.com,P{i},America/New_York,2026-11-0{2 + i % 5}" for i in range(120)
-    ])
+    enrol_csv(
+        drip,
+        pipeline,
+        [f"p{i}@example.com,P{i},America/New_York,2026-11-0{2 + i % 5}" for i in range(120)],
+    )
     pipeline.worker("w1")
     pipeline.worker("w2")
     pipeline.beat()

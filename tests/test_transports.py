@@ -142,9 +142,18 @@ def test_an_idle_connection_is_checked_with_noop_and_replaced_when_dead() -> Non
         server.drop_connections()
         smtp.send(SENDER, PATIENT, MESSAGE)
     assert server.verbs()[:13] == [
-        "EHLO", "MAIL", "RCPT", "DATA",  # first message, new connection
-        "NOOP", "MAIL", "RCPT", "DATA",  # idle: checked, still alive
-        "EHLO", "MAIL", "RCPT", "DATA",  # the NOOP found it dead (unseen): a new connection
+        "EHLO",
+        "MAIL",
+        "RCPT",
+        "DATA",  # first message, new connection
+        "NOOP",
+        "MAIL",
+        "RCPT",
+        "DATA",  # idle: checked, still alive
+        "EHLO",
+        "MAIL",
+        "RCPT",
+        "DATA",  # the NOOP found it dead (unseen): a new connection
         "QUIT",
     ]
     assert server.connections == 2

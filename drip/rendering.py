@@ -13,8 +13,8 @@ The rule that makes this correct, enforced when a template is compiled: **per-pa
 `{{ first_name }}` (or `{{ first_name|e }}` in HTML), in text or in a quoted attribute value. They
 may not be tested in `{% if %}`, looped over, filtered, joined, assigned or passed to macros: those
 would run once, on the token, instead of on each patient's value. Everything else a template sees is
-the same for every email of a step: clinic_name, clinic_address, clinic_phone and public_url from
-Settings, and the step's subject and preheader from campaign.toml.
+the same for every email of a step: clinic_name, clinic_address, clinic_phone, clinic_route
+(how the clinic gives treatment, e.g. "IV infusion"), resources_url and public_url from Settings, and the step's subject and preheader from campaign.toml.
 
 Layouts: `templates/emails/_layout.html.j2` and `_layout.txt.j2`, shared by every campaign. Step
 templates `<campaign>/<step>.html.j2` and `.txt.j2` extend them and fill the `content` block.
@@ -45,7 +45,14 @@ from drip.settings import Settings
 
 # Everything a template may use (the campaign linter checks against these).
 PATIENT_VARIABLES = ("first_name", "last_name", "unsubscribe_url")
-PROCESS_VARIABLES = ("clinic_name", "clinic_address", "clinic_phone", "public_url")  # Settings
+PROCESS_VARIABLES = (  # from Settings
+    "clinic_name",
+    "clinic_address",
+    "clinic_phone",
+    "clinic_route",
+    "resources_url",
+    "public_url",
+)
 STEP_VARIABLES = ("subject", "preheader")  # campaign.toml
 
 # Lowercase letters and digits only: nothing for Jinja or lxml to escape, for lxml to percent-quote

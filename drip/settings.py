@@ -45,6 +45,8 @@ class Settings:
     clinic_address: str = "100 Example Street, Suite 200, Springfield, ST 00000 (demo address)"
     clinic_phone: str = "+1 555 0100 (demo number)"
     clinic_timezone: str = "America/New_York"
+    clinic_route: str = "IV infusion"
+    resources_url: str = "https://clinic.example/resources"
     tick_seconds: float = 5.0
     batch_size: int = 100
     var_dir: Path = Path("var")
@@ -214,6 +216,8 @@ _PARSERS = {
     "DRIP_CLINIC_ADDRESS": _text("clinic_address"),
     "DRIP_CLINIC_PHONE": _text("clinic_phone"),
     "DRIP_CLINIC_TIMEZONE": _zone,
+    "DRIP_CLINIC_ROUTE": _text("clinic_route"),
+    "DRIP_RESOURCES_URL": _url("resources_url", ("http", "https"), "https://clinic.example/guides"),
     "DRIP_TICK_SECONDS": _seconds,
     "DRIP_BATCH_SIZE": _int("batch_size", 1, 10000),
 }

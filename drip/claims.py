@@ -17,13 +17,16 @@ from drip.db import rowcount
 from drip.models import (
     ACTIVE,
     CLAIMED,
+    DELIVERIES,
+    ENROLMENTS,
+    RETRY,
     SCHEDULED,
     SENDING,
     UNKNOWN,
-    WAITING_STATES,
     Delivery,
-    Enrolment,
 )
+
+D, E = DELIVERIES.c, ENROLMENTS.c
 
 LOST_IN_SENDING = (
     "lease expired while sending: it may or may not have arrived; `drip retry` resends it"
@@ -31,28 +34,39 @@ LOST_IN_SENDING = (
 
 
 def claim_due(session: Session, *, now: datetime, limit: int, lease: timedelta) -> list[int]:
-    """Claim up to `limit` due rows, oldest first; return their ids."""
-    candidates = (
-        select(Delivery.id)
-        .join(Enrolment, Enrolment.id == Delivery.enrolment_id)
-        .where(
-            Delivery.state.in_(WAITING_STATES),
-            Delivery.due_at <= now,
-            Enrolment.status == ACTIVE,
+    """Claim up to `limit` due rows, oldest first (rows waiting to be retried before rows never
+    tried); return their ids.
+
+    One query per waiting state, each walking the (state, due_at) index in order and stopping at
+    `limit`; the enrolment's status is a scalar subquery, one primary-key lookup per candidate.
+    This shape matters right after a bulk enrolment: until PostgreSQL has statistics for the new
+    rows (autovacuum's ANALYZE comes a minute later), a join over `state IN (…)` can be planned as
+    a nested loop that compares every due row with every enrolment: 250 ms per claim at 5,000
+    patients. The subquery cannot be planned that way, whatever the statistics say.
+    """
+    claimed: list[int] = []
+    for state in (RETRY, SCHEDULED):
+        wanted = limit - len(claimed)
+        if wanted <= 0:
+            break
+        enrolment_status = select(E.status).where(E.id == D.enrolment_id).scalar_subquery()
+        candidates = (
+            select(D.id)
+            .where(D.state == state, D.due_at <= now, enrolment_status == ACTIVE)
+            .order_by(D.due_at)
+            .limit(wanted)
+            .with_for_update(of=DELIVERIES, skip_locked=True)
         )
-        .order_by(Delivery.due_at)
-        .limit(limit)
-        .with_for_update(of=Delivery, skip_locked=True)
-    )
-    ids = list(session.scalars(candidates))
-    if not ids:
-        return []
-    claimed = session.scalars(
-        update(Delivery)
-        .where(Delivery.id.in_(ids), Delivery.state.in_(WAITING_STATES))
-        .values(state=CLAIMED, lease_until=now + lease, updated_at=now)
-        .returning(Delivery.id)
-    )
+        ids = list(session.scalars(candidates))
+        if not ids:
+            continue
+        result = session.execute(
+            update(DELIVERIES)
+            .where(D.id.in_(ids), D.state == state)
+            .values(state=CLAIMED, lease_until=now + lease, updated_at=now)
+            .returning(D.id)
+        )
+        claimed.extend(result.scalars())
     return sorted(claimed)
 
 

@@ -14,7 +14,8 @@ The rule that makes this correct, enforced when a template is compiled: **per-pa
 may not be tested in `{% if %}`, looped over, filtered, joined, assigned or passed to macros: those
 would run once, on the token, instead of on each patient's value. Everything else a template sees is
 the same for every email of a step: clinic_name, clinic_address, clinic_phone, clinic_route
-(how the clinic gives treatment, e.g. "IV infusion"), resources_url and public_url from Settings, and the step's subject and preheader from campaign.toml.
+(how the clinic gives treatment, e.g. "IV infusion"), resources_url and public_url from Settings,
+and the step's subject and preheader from campaign.toml.
 
 Layouts: `templates/emails/_layout.html.j2` and `_layout.txt.j2`, shared by every campaign. Step
 templates `<campaign>/<step>.html.j2` and `.txt.j2` extend them and fill the `content` block.

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import getpass
 import io
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import click
 from sqlalchemy import Engine
@@ -32,6 +34,9 @@ from drip.output import console, echo_json, table
 from drip.patients import check_patient
 from drip.settings import Settings
 from drip.timeline import timeline as build_timeline
+
+if TYPE_CHECKING:
+    from drip.messages import Recipient
 
 T = TypeVar("T")
 
@@ -394,6 +399,112 @@ def campaigns_list(app: App, as_json: bool) -> None:
         )
         return
     table(["slug", "name", "steps"], [[c.slug, c.name, " → ".join(c.step_keys)] for c in found])
+
+
+@campaigns.command("validate")
+@click.argument("slug", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as a JSON list.")
+@pass_app
+def campaigns_validate(app: App, slug: str | None, as_json: bool) -> None:
+    """Lint every campaign (or SLUG): variables, both parts of each step, subjects and preheaders,
+    the footer, the HTML's size and the text's reading grade. Exit 1 on any finding."""
+    from drip import lint
+
+    report = lint.validate(app.settings, slug, now=app.now())
+    if as_json:
+        echo_json([finding.as_json() for finding in report.findings])
+    else:
+        for finding in report.findings:
+            click.echo(str(finding))
+    if report.findings:
+        raise DripError(report.summary())
+    if not as_json:
+        click.echo(report.summary())
+
+
+# --- looking at one email -----------------------------------------------------------------------
+
+patient_email_option = click.option(
+    "--email", help="Render it for this enrolled patient (default: a sample patient, Alex)."
+)
+
+
+@cli.command("preview")
+@click.argument("campaign")
+@click.argument("step")
+@patient_email_option
+@click.option(
+    "--format", "fmt", type=click.Choice(["html", "text", "eml"]), default="html", show_default=True
+)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write it here.")
+@click.option("--open", "open_it", is_flag=True, help="Open it (in --out, or a temporary file).")
+@pass_app
+def preview_email(
+    app: App,
+    campaign: str,
+    step: str,
+    email: str | None,
+    fmt: str,
+    out: Path | None,
+    open_it: bool,
+) -> None:
+    """Render one email exactly as it would be sent: the HTML, the text, or the whole .eml."""
+    from drip import preview
+
+    chosen = app.campaign(campaign)
+    chosen.step(step)
+    who = _recipient(app, email)
+    data = preview.as_format(preview.preview(app.settings, chosen, step, who, now=app.now()), fmt)
+    if open_it:
+        path = out or _temporary_file(preview.SUFFIXES[fmt])
+        path.write_bytes(data)
+        click.echo(f"opening {path}", err=True)
+        click.launch(str(path))
+    elif out is not None:
+        out.write_bytes(data)
+        click.echo(f"wrote {out} ({len(data):,} bytes)")
+    else:
+        click.echo(data, nl=False)  # bytes go to the binary stream as they are
+
+
+@cli.command("send-test")
+@click.argument("campaign")
+@click.argument("step")
+@click.option("--to", "to", required=True, help="Where to send it (you, not a patient).")
+@patient_email_option
+@pass_app
+def send_test(app: App, campaign: str, step: str, to: str, email: str | None) -> None:
+    """Send one email through DRIP_MAIL_URL with "[TEST] " before the subject. It is no delivery:
+    only an event (`test.sent`, ids only) records it."""
+    from drip import preview
+    from drip.transports import open_transport
+
+    chosen = app.campaign(campaign)
+    chosen.step(step)
+    with app.transaction() as session:
+        who = preview.recipient(session, email)
+    with open_transport(app.settings.mail_url) as transport:
+        sent = preview.send_test(app.settings, transport, chosen, step, who, to=to, now=app.now())
+    with app.transaction() as session:
+        preview.record_test_sent(session, chosen, step, who, now=app.now(), actor=app.actor)
+    click.echo(f"sent {sent.message_id} ({campaign} / {step}) to {to}")
+
+
+def _recipient(app: App, email: str | None) -> Recipient:
+    """An enrolled patient (from the database) or the sample one (no database needed)."""
+    from drip import preview
+
+    if email is None:
+        return preview.SAMPLE_PATIENT
+    with app.transaction() as session:
+        return preview.recipient(session, email)
+
+
+def _temporary_file(suffix: str) -> Path:
+    """A new file only this user can read: a preview may hold a patient's name."""
+    fd, name = tempfile.mkstemp(prefix="drip-preview-", suffix=suffix)
+    os.close(fd)
+    return Path(name)
 
 
 if __name__ == "__main__":

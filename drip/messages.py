@@ -15,6 +15,10 @@ binascii.b2a_qp (C), so lines are at most 76 characters and end in CRLF; a line 
 with "." or "From " gets that character encoded, as some relays mangle such lines. Header lines
 are ASCII and far below the 998-octet limit; values that would break that (a newline, non-ASCII)
 are refused with ValueError rather than sent.
+
+`compose` is the one path from a campaign step and a patient to those bytes: the worker's Sender,
+`drip preview`, `drip send-test` and the campaign linter all call it, so what they show is what is
+sent.
 """
 
 from __future__ import annotations
@@ -23,13 +27,17 @@ import binascii
 import re
 import secrets
 import time
+from dataclasses import dataclass, replace
 from datetime import datetime
 from email import policy
 from email.headerregistry import Address
 from email.utils import format_datetime, parseaddr
 from functools import lru_cache
 
-from drip.rendering import Rendered
+from drip.campaigns import Campaign
+from drip.rendering import Rendered, Renderer
+from drip.settings import Settings
+from drip.unsubscribe import unsubscribe_url
 
 CRLF = b"\r\n"
 MAX_HEADER_LINE = 998
@@ -39,6 +47,62 @@ _PART_HEAD = (
 _HEADER_VALUE = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces or line breaks
 _QP_UNIT = re.compile(rb"=[0-9A-F]{2}|[^=]")
 _LINE_START_ESCAPES = {b".": b"=2E", b"F": b"=46"}
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """Who one email is for: what its template and its unsubscribe link need to know."""
+
+    email: str
+    first_name: str
+    last_name: str
+    patient_id: int
+
+
+@dataclass(frozen=True)
+class Composed:
+    """One email ready to go: its Message-ID, its bytes, and the content they were built from."""
+
+    message_id: str
+    message: bytes
+    rendered: Rendered
+
+
+def compose(
+    settings: Settings,
+    renderer: Renderer,
+    campaign: Campaign,
+    step_key: str,
+    recipient: Recipient,
+    *,
+    now: datetime,
+    delivery_id: int | None = None,
+    subject_prefix: str = "",
+) -> Composed:
+    """Render one step for one patient and build the message exactly as it is sent."""
+    link = unsubscribe_url(settings.public_url, settings.secret_key, recipient.patient_id)
+    rendered = renderer.render(
+        campaign,
+        step_key,
+        {
+            "first_name": recipient.first_name,
+            "last_name": recipient.last_name,
+            "unsubscribe_url": link,
+        },
+    )
+    if subject_prefix:
+        rendered = replace(rendered, subject=subject_prefix + rendered.subject)
+    message_id = make_message_id(settings.from_address)
+    message = build_message(
+        rendered,
+        to=recipient.email,
+        from_address=settings.from_address,
+        message_id=message_id,
+        date=now,
+        unsubscribe_url=link,
+        delivery_id=delivery_id,
+    )
+    return Composed(message_id, message, rendered)
 
 
 def make_message_id(from_address: str) -> str:

@@ -40,7 +40,7 @@ from drip.errors import (
     TransientDeliveryError,
     UnknownOutcomeError,
 )
-from drip.messages import build_message, make_message_id
+from drip.messages import Recipient, compose
 from drip.models import (
     CLAIMED,
     DELIVERIES,
@@ -60,7 +60,6 @@ from drip.patients import zone
 from drip.rendering import Renderer
 from drip.settings import Settings
 from drip.transports import Transport
-from drip.unsubscribe import unsubscribe_url
 
 log = logging.getLogger("drip.sending")
 
@@ -262,26 +261,17 @@ class Sender:
 
     def _build(self, job: Job, campaign: Campaign, row: Loaded, now: datetime) -> None:
         assert self.renderer is not None
-        link = unsubscribe_url(self.settings.public_url, self.settings.secret_key, row.patient_id)
-        rendered = self.renderer.render(
+        recipient = Recipient(row.email, row.first_name, row.last_name or "", row.patient_id)
+        composed = compose(
+            self.settings,
+            self.renderer,
             campaign,
             row.step_key,
-            {
-                "first_name": row.first_name,
-                "last_name": row.last_name or "",
-                "unsubscribe_url": link,
-            },
-        )
-        job.message_id = make_message_id(self.settings.from_address)
-        job.message = build_message(
-            rendered,
-            to=row.email,
-            from_address=self.settings.from_address,
-            message_id=job.message_id,
-            date=now,
-            unsubscribe_url=link,
+            recipient,
+            now=now,
             delivery_id=job.id,
         )
+        job.message_id, job.message = composed.message_id, composed.message
 
     # --- sending ----------------------------------------------------------------------------
 

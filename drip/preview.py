@@ -1,0 +1,113 @@
+"""Looking at one email before any patient gets it: `drip preview` and `drip send-test`.
+
+Both build the message with drip.messages.compose, the worker's own path (same renderer, same
+headers, a fresh Message-ID, the Date from the clock, a signed unsubscribe link), for an enrolled
+patient or for SAMPLE_PATIENT. A test send goes through the configured transport with "[TEST] "
+before the subject; it is no delivery (nothing in `deliveries`), only an event of kind `test.sent`
+that, like every event, holds ids and never an address.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from email.utils import parseaddr
+
+from sqlalchemy.orm import Session
+
+from drip import events
+from drip.campaigns import Campaign
+from drip.enrolment import find_patient
+from drip.errors import DeliveryError, InputError
+from drip.messages import Composed, Recipient, compose
+from drip.patients import check_email
+from drip.rendering import Renderer
+from drip.settings import Settings
+from drip.transports import Transport
+
+SAMPLE_PATIENT = Recipient(
+    email="alex.sample@example.com", first_name="Alex", last_name="Sample", patient_id=0
+)
+"""Clearly sample data: example.com is reserved (RFC 2606); no patient has id 0."""
+
+FORMATS = ("html", "text", "eml")
+SUFFIXES = {"html": ".html", "text": ".txt", "eml": ".eml"}
+TEST_SUBJECT_PREFIX = "[TEST] "
+TEST_SENT = "test.sent"
+
+
+def recipient(session: Session, email: str | None) -> Recipient:
+    """The enrolled patient with this address (NotFound if none), or the sample patient."""
+    if email is None:
+        return SAMPLE_PATIENT
+    patient = find_patient(session, email)
+    return Recipient(patient.email, patient.first_name, patient.last_name or "", patient.id)
+
+
+def preview(
+    settings: Settings, campaign: Campaign, step_key: str, who: Recipient, *, now: datetime
+) -> Composed:
+    """One email exactly as the worker would build it now (no delivery id: it is not one)."""
+    return compose(settings, Renderer(settings), campaign, step_key, who, now=now)
+
+
+def as_format(composed: Composed, fmt: str) -> bytes:
+    """The HTML part, the text part, or the whole message (CRLF line endings), as bytes."""
+    if fmt == "html":
+        return composed.rendered.html.encode("utf-8")
+    if fmt == "text":
+        return composed.rendered.text.encode("utf-8")
+    if fmt == "eml":
+        return composed.message
+    raise InputError("--format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
+
+
+def send_test(
+    settings: Settings,
+    transport: Transport,
+    campaign: Campaign,
+    step_key: str,
+    who: Recipient,
+    *,
+    to: str,
+    now: datetime,
+) -> Composed:
+    """Render for `who`, send to `to` with "[TEST] " before the subject; record nothing."""
+    try:
+        address = check_email(to)
+    except InputError as e:
+        raise InputError("--to", e.reason) from None
+    composed = compose(
+        settings,
+        Renderer(settings),
+        campaign,
+        step_key,
+        Recipient(address, who.first_name, who.last_name, who.patient_id),
+        now=now,
+        subject_prefix=TEST_SUBJECT_PREFIX,
+    )
+    try:
+        transport.send(parseaddr(settings.from_address)[1], address, composed.message)
+    except DeliveryError as e:
+        raise DeliveryError(f"the test email was not sent: {e}; check DRIP_MAIL_URL") from e
+    return composed
+
+
+def record_test_sent(
+    session: Session,
+    campaign: Campaign,
+    step_key: str,
+    who: Recipient,
+    *,
+    now: datetime,
+    actor: str,
+) -> None:
+    """The event of a test send: campaign, step and patient id (none for the sample patient)."""
+    sample = who == SAMPLE_PATIENT
+    events.record(
+        session,
+        at=now,
+        actor=actor,
+        kind=TEST_SENT,
+        patient_id=None if sample else who.patient_id,
+        detail=f"{campaign.slug}/{step_key}" + (" (sample patient)" if sample else ""),
+    )

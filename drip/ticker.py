@@ -1,6 +1,7 @@
-"""The ticker: every DRIP_TICK_SECONDS, take expired leases back and claim what is due.
+"""The ticker: every DRIP_TICK_SECONDS, claim what is due; every few seconds, take leases back.
 
-Claimed ids go to Redis in batches of DRIP_BATCH_SIZE. The ticker stops claiming while the send
+One transaction claims what the tick will enqueue; the ids go to Redis in batches of
+DRIP_BATCH_SIZE. The ticker stops claiming while the send
 queue already holds enough work for a while: a claimed row waiting in Redis longer than its lease
 would be claimed again (harmless, but wasted), and rows left in the database cost nothing.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import Engine
 
@@ -23,6 +24,7 @@ log = logging.getLogger("drip.ticker")
 
 MAX_QUEUED_BATCHES = 20
 MAX_BATCHES_PER_TICK = 50
+EXPIRE_EVERY = timedelta(seconds=5)
 
 
 @dataclass
@@ -48,36 +50,49 @@ class Ticker:
     clock: Clock
     enqueue: Callable[[list[int]], None]
     queue_depth: Callable[[], int] = field(default=lambda: 0)
+    _expired_at: datetime | None = field(default=None, init=False, repr=False)
 
     def tick(self) -> TickReport:
         report = TickReport()
-        with transaction(self.engine) as session:
-            report.released, report.unknown = expire_leases(session, now=self.clock.now())
-        lease = timedelta(seconds=self.settings.lease_seconds)
-        while report.batches < MAX_BATCHES_PER_TICK:
-            if self.queue_depth() >= MAX_QUEUED_BATCHES:
-                report.queue_full = True
-                break
-            with transaction(self.engine) as session:
-                ids = claim_due(
-                    session, now=self.clock.now(), limit=self.settings.batch_size, lease=lease
-                )
-            if not ids:
-                break
-            self._hand_over(ids)
-            report.claimed += len(ids)
-            report.batches += 1
-            if len(ids) < self.settings.batch_size:
-                break
+        self._expire(report)
+        room = min(MAX_QUEUED_BATCHES - self.queue_depth(), MAX_BATCHES_PER_TICK)
+        if room <= 0:
+            report.queue_full = True
+        else:
+            self._claim(room, report)
         if report.claimed or report.released or report.unknown:
             log.info("tick: %s", report.as_dict())
         return report
 
-    def _hand_over(self, ids: list[int]) -> None:
+    def _expire(self, report: TickReport) -> None:
+        """Take expired leases back, at most every EXPIRE_EVERY (a tenth of a lease, if that is
+        less) of the calendar: a lease lasts minutes, and ticks come several times a second."""
+        now = self.clock.now()
+        lease = timedelta(seconds=self.settings.lease_seconds)
+        last = self._expired_at
+        if last is not None and last <= now < last + min(EXPIRE_EVERY, lease / 10):
+            return
+        with transaction(self.engine) as session:
+            report.released, report.unknown = expire_leases(session, now=now)
+        self._expired_at = now
+
+    def _claim(self, batches: int, report: TickReport) -> None:
+        """Claim up to `batches` batches in one transaction, then enqueue them one by one."""
+        size = self.settings.batch_size
+        lease = timedelta(seconds=self.settings.lease_seconds)
+        with transaction(self.engine) as session:
+            ids = claim_due(session, now=self.clock.now(), limit=batches * size, lease=lease)
+        for start in range(0, len(ids), size):
+            self._hand_over(ids[start : start + size], ids[start:])
+            report.claimed += len(ids[start : start + size])
+            report.batches += 1
+
+    def _hand_over(self, batch: list[int], unqueued: list[int]) -> None:
         try:
-            self.enqueue(ids)
+            self.enqueue(batch)
         except Exception:
-            # The broker refused: give the rows back now rather than at lease expiry.
+            # The broker refused: give this batch and the ones after it back now, rather than at
+            # lease expiry.
             with transaction(self.engine) as session:
-                release(session, ids, now=self.clock.now())
+                release(session, unqueued, now=self.clock.now())
             raise

@@ -533,6 +533,12 @@ def worker(app: App, concurrency: int | None, name: str | None, loglevel: str) -
         argv.append(f"--concurrency={concurrency}")
     if name:
         argv.append(f"--hostname={name}@%h")
+    if not app.settings.public_url.startswith("https://"):
+        click.echo(
+            f"warning: DRIP_PUBLIC_URL={app.settings.public_url} is not https; one-click "
+            "unsubscribe (RFC 8058) needs an https link that patients can reach",
+            err=True,
+        )
     with broker(app.settings.broker_url, app.settings.var_dir) as url:
         db.require_current_schema(app.engine)
         app.close()  # the worker's processes make their own connections after the fork

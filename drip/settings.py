@@ -35,13 +35,13 @@ class Settings:
     mail_url: str = "file://var/outbox"
     secret_key: str = ""
     public_url: str = "http://127.0.0.1:8025"
-    from_address: str = "Lakeside Ketamine Clinic (demo) <care@clinic.example>"
+    from_address: str = "Lakeside Wellness Clinic (demo) <care@clinic.example>"
     send_window: SendWindow = SendWindow.parse("09:00-19:00")
     now: datetime | None = None
     now_file: Path | None = None
     lease_seconds: int = 300
     templates_dir: Path = PROJECT_ROOT / "templates" / "emails"
-    clinic_name: str = "Lakeside Ketamine Clinic (demo)"
+    clinic_name: str = "Lakeside Wellness Clinic (demo)"
     clinic_address: str = "100 Example Street, Suite 200, Springfield, ST 00000 (demo address)"
     clinic_phone: str = "+1 555 0100 (demo number)"
     clinic_timezone: str = "America/New_York"

@@ -187,7 +187,9 @@ class Demo:
                     write_clock_file(self.now_file, due)
                 self._wait_until_delivered(engine, live, settings)
                 if not rescheduled and due - _first_enrolled(engine) > timedelta(days=1):
-                    rescheduled = self._reschedule_last(engine, settings)
+                    rescheduled = True
+                    if note := self._reschedule_last(engine, settings):
+                        live.console.print(note)
                 live.update(self._view(engine, settings))
 
     def _wait_until_delivered(self, engine: Engine, live: Live, settings: Settings) -> None:
@@ -198,7 +200,7 @@ class Demo:
             live.update(self._view(engine, settings))
             time.sleep(0.2)
 
-    def _reschedule_last(self, engine: Engine, settings: Settings) -> bool:
+    def _reschedule_last(self, engine: Engine, settings: Settings) -> str | None:
         """Show a coordinator setting a first session that was not known at enrolment."""
         now = read_clock_file(self.now_file)
         with db.transaction(engine) as session:
@@ -208,7 +210,7 @@ class Demo:
                 .where(Enrolment.first_session_on.is_(None), Enrolment.status == ACTIVE)
             ).first()
             if waiting is None:
-                return True
+                return None
             enrolment_row, patient = waiting
             day = now.astimezone(zone(patient.timezone)).date() + timedelta(days=4)
             planner = enrolment.Planner(
@@ -217,7 +219,11 @@ class Demo:
             enrolment.reschedule(
                 session, enrolment_row, planner, patient.timezone, f"{day}T11:00", actor="demo"
             )
-        return True
+            name = patient.first_name
+        return (
+            f"a coordinator sets {name}'s first session to {day} 11:00 (drip reschedule): "
+            "the emails that waited for it are planned now"
+        )
 
     def _view(self, engine: Engine, settings: Settings) -> Table:
         now = read_clock_file(self.now_file).astimezone(zone(settings.clinic_timezone))

@@ -247,7 +247,12 @@ class ScriptedServer(_Threaded):
     otherwise the command: "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "AUTH", ...), the
     replies to give in turn, across connections; once used up, the verb's default applies.
     A reply of DROP closes the connection without answering, STALL never answers (the client
-    times out); after any 421 reply the server closes the connection, as RFC 5321 says.
+    times out); after any 421 reply the server closes the connection, as RFC 5321 says. Unless
+    scripted otherwise, a command out of sequence gets what a real server answers: RCPT without
+    an accepted MAIL 503, DATA without an accepted RCPT 554 (or 503 without MAIL), so pipelined
+    commands after a refusal are refused too; script "DATA": ["354 ..."] for a server that
+    wrongly accepts DATA then (the empty message it then gets is refused with 554 by default).
+    Commands may arrive several in one write (PIPELINING); they are answered one by one.
     extensions: what EHLO offers, e.g. ("STARTTLS",) or ("AUTH PLAIN LOGIN",).
 
     Records every command line (`commands`), every message body exactly as it came over the
@@ -303,11 +308,14 @@ class ScriptedServer(_Threaded):
 
     # called from session threads
 
-    def reply(self, verb: str) -> str:
+    def reply(self, verb: str, out_of_sequence: str | None = None) -> str:
+        """The next scripted reply to verb; else out_of_sequence when given, else the default."""
         with self._lock:
             queue = self._script.get(verb)
             if queue:
                 return queue.popleft()
+        if out_of_sequence is not None:
+            return out_of_sequence
         if verb == "EHLO":
             lines = ["scripted.test", *self.extensions]
             return "\r\n".join(
@@ -330,6 +338,18 @@ class ScriptedServer(_Threaded):
     def closed(self, sock: socket.socket) -> None:
         with self._lock:
             self._open.discard(sock)
+
+
+def _out_of_sequence(verb: str, sender: bool, recipients: bool) -> str | None:
+    """What a real server answers to a command out of sequence (RFC 5321 4.1.4, RFC 2920 3.1:
+    DATA after every RCPT was refused is refused too); None when in sequence."""
+    if verb == "RCPT" and not sender:
+        return "503 5.5.1 Error: need MAIL command"
+    if verb == "DATA" and not recipients:
+        return "554 5.5.1 Error: no valid recipients" if sender else "503 5.5.1 Error: need RCPT"
+    if verb == "MAIL" and sender:
+        return "503 5.5.1 Error: nested MAIL command"
+    return None
 
 
 class _TCPServer(socketserver.ThreadingTCPServer):
@@ -358,20 +378,28 @@ class _Session(socketserver.StreamRequestHandler):
     def _converse(self, owner: ScriptedServer) -> None:
         if not self._send(owner.reply("CONNECT")):
             return
-        while line := self.rfile.readline():
+        sender = recipients = False  # the transaction so far: MAIL accepted, a RCPT accepted
+        while line := self.rfile.readline():  # buffered: pipelined commands come one by one
             command = line.decode("utf-8", "replace").rstrip("\r\n")
             owner.record(command)
             verb = command.split(" ", 1)[0].upper()
-            reply = owner.reply(verb)
+            reply = owner.reply(verb, _out_of_sequence(verb, sender, recipients))
             if not self._send(reply) or verb == "QUIT":
                 return
+            accepted = reply.startswith("2")
+            if verb in ("MAIL", "RCPT") and accepted:
+                sender, recipients = True, recipients or verb == "RCPT"
+            elif verb in ("RSET", "EHLO", "HELO") and accepted:
+                sender = recipients = False
             if verb == "DATA" and reply.startswith("354"):
                 body = self._read_body()
                 if body is None:
                     return
                 owner.record(body=body)
-                if not self._send(owner.reply(".")):
+                after = None if recipients else "554 5.5.1 Error: no valid recipients"
+                if not self._send(owner.reply(".", after)):
                     return
+                sender = recipients = False
 
     def _read_body(self) -> bytes | None:
         """The body up to the lone ".", or None when the client left before sending it."""

@@ -21,6 +21,7 @@ from drip.transports import (
     FileTransport,
     MemoryTransport,
     SMTPTransport,
+    _envelope_address,
     open_transport,
 )
 from tests.smtp_servers import (
@@ -178,7 +179,7 @@ def test_451_to_rcpt_is_transient_and_the_retry_succeeds_on_the_same_connection(
     assert_no_address(failure.value)
     assert "[address]" in str(failure.value)
     assert server.connections == 1
-    assert server.verbs()[:6] == ["EHLO", "MAIL", "RCPT", "RSET", "MAIL", "RCPT"]
+    assert server.verbs()[:7] == ["EHLO", "MAIL", "RCPT", "DATA", "RSET", "MAIL", "RCPT"]
     assert len(server.bodies) == 1
 
 
@@ -300,6 +301,221 @@ def test_a_non_ascii_address_goes_out_when_the_server_offers_smtputf8() -> None:
         smtp.send(SENDER, "zoë@patients.example", "Subject: é\r\n\r\nzoë\r\n".encode())
         (captured,) = server.wait_for(1)
     assert captured.rcpt_tos == ("zoë@patients.example",)
+
+
+# --- pipelining (RFC 2920) ---------------------------------------------------------------
+
+LOCK_STEP = ("8BITMIME",)  # EHLO without PIPELINING
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every write the client makes to the server, as bytes."""
+    seen: list[bytes] = []
+    real_send = smtplib.SMTP.send
+
+    def spy(self: smtplib.SMTP, data: bytes | str) -> None:
+        seen.append(data.encode() if isinstance(data, str) else data)
+        real_send(self, data)
+
+    monkeypatch.setattr(smtplib.SMTP, "send", spy)
+    return seen
+
+
+def test_mail_rcpt_and_data_go_out_in_one_write_and_the_message_arrives_intact(
+    writes: list[bytes],
+) -> None:
+    with ScriptedServer() as server, transport(server) as smtp:
+        smtp.send(SENDER, PATIENT, MESSAGE)
+        smtp.send(SENDER, "other@patients.example", b"Subject: x\r\n\r\n\xc3\xa9\r\n")
+    stuffed = MESSAGE.replace(b"\n.", b"\n..")
+    assert writes[-5:] == [
+        b"MAIL FROM:<care@clinic.example>\r\nRCPT TO:<pat.doe@patients.example>\r\nDATA\r\n",
+        stuffed + b".\r\n",
+        b"MAIL FROM:<care@clinic.example> BODY=8BITMIME\r\n"
+        b"RCPT TO:<other@patients.example>\r\nDATA\r\n",
+        b"Subject: x\r\n\r\n\xc3\xa9\r\n.\r\n",
+        b"quit\r\n",
+    ]
+    assert server.bodies == [stuffed, b"Subject: x\r\n\r\n\xc3\xa9\r\n"]
+    assert server.connections == 1
+
+
+def test_lock_step_is_kept_when_the_server_does_not_offer_pipelining(
+    writes: list[bytes],
+) -> None:
+    with ScriptedServer(extensions=LOCK_STEP) as server, transport(server) as smtp:
+        smtp.send(SENDER, PATIENT, MESSAGE)
+    commands = [w for w in writes if not w.endswith(b"\r\n.\r\n")]
+    assert commands[-4:] == [
+        b"mail FROM:<care@clinic.example>\r\n",
+        b"rcpt TO:<pat.doe@patients.example>\r\n",
+        b"data\r\n",
+        b"quit\r\n",
+    ]
+    assert server.bodies == [MESSAGE.replace(b"\n.", b"\n..")]
+
+
+def test_many_messages_are_pipelined_over_one_connection() -> None:
+    with ScriptedServer() as server, transport(server) as smtp:
+        for i in range(50):
+            smtp.send(SENDER, f"patient{i}@patients.example", MESSAGE)
+    assert server.connections == 1 and len(server.bodies) == 50
+    rcpts = [c for c in server.commands if c.startswith("RCPT")]
+    assert rcpts == [f"RCPT TO:<patient{i}@patients.example>" for i in range(50)]
+
+
+@pytest.mark.parametrize("extensions", [("PIPELINING", "8BITMIME"), LOCK_STEP])
+@pytest.mark.parametrize(
+    ("stage", "reply", "error", "enhanced"),
+    [
+        ("MAIL", "553 5.7.1 <care@clinic.example>: refused", PermanentDeliveryError, "5.7.1"),
+        ("MAIL", "451 4.3.0 try later", TransientDeliveryError, ""),
+        ("RCPT", "451 4.3.0 <pat.doe@patients.example>: greylisted", TransientDeliveryError, ""),
+        ("RCPT", "550 5.1.1 <pat.doe@patients.example>: unknown", PermanentDeliveryError, "5.1.1"),
+        ("DATA", "554 5.5.0 no thanks", PermanentDeliveryError, "5.5.0"),
+        ("DATA", "451 4.3.0 later", TransientDeliveryError, ""),
+    ],
+)
+def test_a_refusal_at_each_stage_is_classified_and_the_connection_kept(
+    extensions: tuple[str, ...],
+    stage: str,
+    reply: str,
+    error: type[Exception],
+    enhanced: str,
+) -> None:
+    with ScriptedServer({stage: [reply]}, extensions=extensions) as server:
+        with transport(server) as smtp:
+            with pytest.raises(error, match=f"{stage}: {reply[:3]}") as failure:
+                smtp.send(SENDER, PATIENT, MESSAGE)
+            smtp.send(SENDER, PATIENT, MESSAGE)  # same connection, in step
+    assert_no_address(failure.value)
+    assert "clinic.example" not in str(failure.value)
+    if isinstance(failure.value, PermanentDeliveryError):
+        assert failure.value.enhanced == enhanced
+        assert failure.value.bad_mailbox == (enhanced == "5.1.1")
+    assert server.connections == 1 and len(server.bodies) == 1
+    verbs = server.verbs()
+    assert verbs[verbs.index("RSET") + 1 :][:3] == ["MAIL", "RCPT", "DATA"]
+    if "PIPELINING" in extensions:  # every reply was read before RSET
+        assert verbs[1 : verbs.index("RSET")] == ["MAIL", "RCPT", "DATA"]
+
+
+def test_after_a_refused_rcpt_the_refused_data_reply_is_read_before_rset() -> None:
+    script = {"RCPT": ["550 5.1.1 unknown"], "RSET": ["250 2.0.0 Ok"]}
+    with ScriptedServer(script) as server, transport(server) as smtp:
+        with pytest.raises(PermanentDeliveryError):
+            smtp.send(SENDER, PATIENT, MESSAGE)
+        smtp.send(SENDER, PATIENT, MESSAGE)
+    # The server answered DATA with 554 (no valid recipients), which the client read: had it
+    # not, the 554 would have been taken as the reply to RSET and everything after shifted.
+    assert server.verbs()[:8] == ["EHLO", "MAIL", "RCPT", "DATA", "RSET", "MAIL", "RCPT", "DATA"]
+    assert len(server.bodies) == 1
+
+
+@pytest.mark.parametrize("after_dot", ["554 5.5.1 no valid recipients", "250 2.0.0 queued"])
+def test_a_354_after_a_refused_rcpt_gets_a_lone_dot_and_nothing_of_the_message(
+    after_dot: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    script = {
+        "RCPT": ["550 5.1.1 unknown"],
+        "DATA": ["354 go ahead (wrongly)"],
+        ".": [after_dot],
+    }
+    with ScriptedServer(script) as server, transport(server) as smtp:
+        with pytest.raises(PermanentDeliveryError) as failure:
+            smtp.send(SENDER, PATIENT, MESSAGE)
+        smtp.send(SENDER, PATIENT, MESSAGE)
+    assert failure.value.bad_mailbox  # the refusal of the recipient, whatever came after
+    assert server.bodies[0] == b""  # an empty message, ended at once
+    assert server.bodies[1:] == [MESSAGE.replace(b"\n.", b"\n..")]
+    if after_dot.startswith("5"):  # refused as expected: the connection stays in step
+        assert server.connections == 1 and "RSET" in server.verbs()
+    else:  # a server that takes an empty message without recipients is not trusted further
+        assert server.connections == 2 and "RSET" not in server.verbs()
+        assert "empty message" in caplog.text
+
+
+def test_a_354_after_a_refused_mail_with_a_lost_connection_keeps_the_refusal() -> None:
+    script = {"MAIL": ["451 4.3.0 later"], "DATA": ["354 go ahead"], ".": [DROP]}
+    with ScriptedServer(script) as server, transport(server) as smtp:
+        with pytest.raises(TransientDeliveryError, match="MAIL: 451"):
+            smtp.send(SENDER, PATIENT, MESSAGE)
+    assert server.bodies == [b""]
+
+
+@pytest.mark.parametrize("stage", ["RCPT", "DATA"])
+def test_a_drop_before_the_354_reply_is_transient_when_pipelined(stage: str) -> None:
+    with ScriptedServer({stage: [DROP]}) as server, transport(server) as smtp:
+        with pytest.raises(TransientDeliveryError, match=f"connection lost at {stage}"):
+            smtp.send(SENDER, PATIENT, MESSAGE)
+        smtp.send(SENDER, PATIENT, MESSAGE)
+    assert server.connections == 2 and len(server.bodies) == 1
+
+
+def test_a_drop_after_a_refusal_keeps_the_refusal() -> None:
+    with ScriptedServer({"RCPT": ["550 5.1.1 unknown"], "DATA": [DROP]}) as server:
+        with transport(server) as smtp, pytest.raises(PermanentDeliveryError) as failure:
+            smtp.send(SENDER, PATIENT, MESSAGE)
+    assert failure.value.bad_mailbox and server.bodies == []
+
+
+@pytest.mark.parametrize("stage", ["RCPT", "DATA"])
+def test_a_421_in_the_middle_is_transient_and_ends_the_connection(stage: str) -> None:
+    script = {stage: ["421 4.3.2 shutting down"]}
+    with ScriptedServer(script) as server, transport(server) as smtp:
+        with pytest.raises(TransientDeliveryError, match=f"{stage}: 421 4.3.2"):
+            smtp.send(SENDER, PATIENT, MESSAGE)
+        smtp.send(SENDER, PATIENT, MESSAGE)
+    assert server.connections == 2 and len(server.bodies) == 1
+    assert "RSET" not in server.verbs()
+
+
+def test_a_421_to_mail_on_a_fresh_pipelined_connection_is_transient() -> None:
+    with ScriptedServer({"MAIL": ["421 4.3.2 busy"]}) as server, transport(server) as smtp:
+        with pytest.raises(TransientDeliveryError, match="MAIL: 421"):
+            smtp.send(SENDER, PATIENT, MESSAGE)
+    assert server.connections == 1 and server.bodies == []
+
+
+def test_a_stale_connection_found_at_the_first_pipelined_reply_is_replaced_once() -> None:
+    with ScriptedServer({"MAIL": ["250 Ok", DROP, DROP]}) as server, transport(server) as smtp:
+        smtp.send(SENDER, PATIENT, MESSAGE)
+        with pytest.raises(TransientDeliveryError, match="connection lost at MAIL"):
+            smtp.send(SENDER, PATIENT, MESSAGE)  # dead, then dead again on the fresh one
+    assert server.connections == 2 and len(server.bodies) == 1
+
+
+def test_a_drop_after_the_pipelined_body_leaves_the_outcome_unknown() -> None:
+    with ScriptedServer({".": [DROP]}) as server, transport(server) as smtp:
+        with pytest.raises(UnknownOutcomeError):
+            smtp.send(SENDER, PATIENT, MESSAGE)
+    assert "PIPELINING" in server.extensions and len(server.bodies) == 1
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        PATIENT,
+        "o'brien+tag@patients.example",
+        "zoë@bücher.example",
+        '"quoted local"@patients.example',
+        "Pat Doe <pat.doe@patients.example>",
+        "pat..doe@patients.example",
+        "no-at-sign",
+    ],
+)
+def test_envelope_addresses_are_written_as_smtplib_writes_them(address: str) -> None:
+    assert _envelope_address(address) == smtplib.quoteaddr(address)
+
+
+def test_a_line_break_in_an_envelope_address_is_refused_before_anything_is_written(
+    writes: list[bytes],
+) -> None:
+    with ScriptedServer() as server, transport(server) as smtp:
+        with pytest.raises(ValueError, match="line break"):
+            smtp.send(SENDER, "pat@x.example>\r\nRCPT TO:<evil@x.example", MESSAGE)
+    assert "RCPT" not in server.verbs()
 
 
 # --- TLS and credentials ------------------------------------------------------------------

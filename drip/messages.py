@@ -11,7 +11,8 @@ connection. Every email drip sends has the same shape, so it is written out here
 
 The costly header work, RFC 2047 encoding and folding of the From display name and the Subject,
 is done by the `email` package once per distinct value and cached. Bodies go through
-binascii.b2a_qp (C), so lines are at most 76 characters and end in CRLF; a line that would start
+binascii.b2a_qp (C) line by line, each encoded line cached (a step's lines repeat in every email),
+so lines are at most 76 characters and end in CRLF; a line that would start
 with "." or "From " gets that character encoded, as some relays mangle such lines. Header lines
 are ASCII and far below the 998-octet limit; values that would break that (a newline, non-ASCII)
 are refused with ValueError rather than sent.
@@ -204,12 +205,24 @@ def _domain(from_address: str) -> str:
 
 
 def _quoted_printable(text: str) -> bytes:
-    """UTF-8 text as quoted-printable lines of at most 76 characters, CRLF, ending in CRLF."""
+    """UTF-8 text as quoted-printable lines of at most 76 characters, CRLF, ending in CRLF.
+
+    Quoted-printable works line by line (soft breaks and trailing-space escapes never cross a
+    line end), so each line is encoded on its own and cached: the lines of a step's template are
+    the same in every email, and only the few holding a patient's name or link are new."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if not text.endswith("\n"):
-        text += "\n"  # b2a_qp picks CRLF soft breaks only after it has seen a CRLF
-    encoded = binascii.b2a_qp(text.replace("\n", "\r\n").encode("utf-8"), istext=True)
-    if _unsafe(encoded) or b"\n." in encoded or b"\nFrom " in encoded:  # bytes.find is memchr-fast
+    lines = text.split("\n")
+    if len(lines) > 1 and not lines[-1]:
+        lines.pop()  # the text's final line end; one is added where it has none
+    return b"".join(map(_quoted_printable_line, lines))
+
+
+@lru_cache(maxsize=4096)
+def _quoted_printable_line(line: str) -> bytes:
+    """One line (without its end) encoded, with its CRLF."""
+    # b2a_qp writes CRLF soft breaks only when the data's first line end is a CRLF.
+    encoded = binascii.b2a_qp(line.encode("utf-8") + CRLF, istext=True)
+    if _unsafe(encoded) or b"\n." in encoded or b"\nFrom " in encoded:  # memchr-fast
         lines = encoded.split(CRLF)
         encoded = CRLF.join(_rewrap(line) if _unsafe(line) else line for line in lines)
     return encoded

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import binascii
 import random
 import re
 import sys
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from drip.campaigns import load_campaign
-from drip.messages import build_message, make_message_id
+from drip.messages import _quoted_printable, _rewrap, _unsafe, build_message, make_message_id
 from drip.rendering import Rendered, Renderer
 from drip.settings import PROJECT_ROOT, Settings
 
@@ -183,3 +184,22 @@ def test_building_takes_well_under_half_a_millisecond() -> None:
     for i in range(1000):
         build(rendered, message_id=make_message_id(FROM), date=now, delivery_id=i)
     assert (time.perf_counter() - start) / 1000 < 0.0005
+
+
+def _whole_text_reference(text: str) -> bytes:
+    """Quoted-printable of the whole text at once, as drip did before caching line by line."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not text.endswith("\n"):
+        text += "\n"
+    encoded = binascii.b2a_qp(text.replace("\n", "\r\n").encode("utf-8"), istext=True)
+    lines = encoded.split(b"\r\n")
+    return b"\r\n".join(_rewrap(line) if _unsafe(line) else line for line in lines)
+
+
+def test_quoted_printable_line_by_line_equals_encoding_the_whole_text_at_once() -> None:
+    pieces = ["a", " ", "\t", ".", "F", "From ", "=", "é", "😀", "\n", "\r\n", "\r", "\x0c"]
+    pieces += ["\u2028", "x" * 70, "   ", "\n.", "\nFrom ", "y" * 74 + "."]
+    rng = random.Random(5)
+    for _ in range(20_000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        assert _quoted_printable(text) == _whole_text_reference(text), text

@@ -1,12 +1,15 @@
 """Engines, sessions and migrations, for SQLite and PostgreSQL alike.
 
 SQLite runs in WAL mode with a busy timeout, and every transaction starts with BEGIN IMMEDIATE:
-a writer takes the lock up front and waits for it, instead of failing half-way through when
-another process wrote first.
+a writer takes the lock up front and waits for it (in short steps, see _begin_immediate), instead
+of failing half-way through when another process wrote first.
 """
 
 from __future__ import annotations
 
+import random
+import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
@@ -76,9 +79,33 @@ def _sqlite_engine(database: str | None, url: str, **kwargs: Any) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        _begin_immediate(conn.connection.dbapi_connection)
 
     return engine
+
+
+def _begin_immediate(raw: Any) -> None:
+    """BEGIN IMMEDIATE, waiting for the write lock in short, jittered steps.
+
+    SQLite's own busy handler sleeps 1 ms, then 2, 5, 10… while another process holds the lock,
+    which is longer than the whole transaction it is waiting for (a worker's per-email commit
+    takes tens of microseconds): two workers then spend most of their time asleep. So the wait
+    for the lock at BEGIN is done here; statements inside the transaction keep busy_timeout."""
+    raw.execute("PRAGMA busy_timeout=0")
+    try:
+        deadline = time.monotonic() + SQLITE_BUSY_MS / 1000
+        pause = 0.00002
+        while True:
+            try:
+                raw.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+            time.sleep(pause * (0.5 + random.random()))
+            pause = min(pause * 2, 0.002)
+    finally:
+        raw.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -113,7 +113,7 @@ def _enrol_chunk(
 ) -> None:
     now, slug = planner.now, planner.campaign.slug
     by_key = {p.email_key: p for p in chunk}
-    ids = _patient_ids(session, list(by_key.values()), now)
+    ids, created = _patient_ids(session, list(by_key.values()), now)
     already = set(
         session.scalars(
             select(Enrolment.patient_id).where(
@@ -127,6 +127,7 @@ def _enrol_chunk(
     counts.already += len(chunk) - len(todo)
     if not todo:
         return
+    _refresh_returning(session, [p for p in todo if p.email_key not in created], ids)
     rows = db.insert_many(
         session,
         ENROLMENTS,
@@ -154,8 +155,23 @@ def _enrol_chunk(
         counts.enrolment_ids.extend(by_patient[ids[p.email_key]] for p in todo[:100])
 
 
-def _patient_ids(session: Session, chunk: list[PatientInput], now: datetime) -> dict[str, int]:
-    """Email key → patient id, creating the patients not seen before."""
+def _refresh_returning(
+    session: Session, returning: list[PatientInput], ids: dict[str, int]
+) -> None:
+    """A patient enrolled again (after an earlier enrolment ended) gets the name and zone given
+    now: the new plan is made in that zone, and the worker checks the send window in it."""
+    for p in returning:
+        session.execute(
+            update(Patient)
+            .where(Patient.id == ids[p.email_key])
+            .values(first_name=p.first_name, last_name=p.last_name, timezone=p.timezone)
+        )
+
+
+def _patient_ids(
+    session: Session, chunk: list[PatientInput], now: datetime
+) -> tuple[dict[str, int], set[str]]:
+    """Email key → patient id, creating the patients not seen before (their keys: the set)."""
     keys = [p.email_key for p in chunk]
     ids = dict(
         session.execute(
@@ -166,7 +182,7 @@ def _patient_ids(session: Session, chunk: list[PatientInput], now: datetime) -> 
     if new:
         rows = [_patient_row(p, now) for p in new]
         ids.update(db.insert_many(session, PATIENTS, rows, PATIENTS.c.email_key, PATIENTS.c.id))
-    return ids
+    return ids, {p.email_key for p in new}
 
 
 def _patient_row(p: PatientInput, now: datetime) -> dict[str, Any]:

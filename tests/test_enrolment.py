@@ -233,3 +233,30 @@ def test_a_patient_in_two_campaigns_must_name_one(drip: Drip, engine: Engine) ->
     result = drip("pause", "ana@example.com")
     assert result.exit_code == 1 and "--campaign" in result.stderr
     assert ok(drip("pause", "ana@example.com", "--campaign", "other")).stdout.strip() == "paused"
+
+
+def test_enrolling_again_after_unenrolling_takes_the_new_zone(drip: Drip, engine: Engine) -> None:
+    ok(drip(*ANA))
+    ok(drip("unenroll", "ana@example.com"))
+    ok(
+        drip(
+            "enroll",
+            "ana@example.com",
+            *CAMPAIGN,
+            "--first-name",
+            "Ana María",
+            "--timezone",
+            "Europe/London",
+        )
+    )
+    with engine.connect() as c:
+        assert c.execute(select(Patient.first_name, Patient.timezone)).one() == (
+            "Ana María",
+            "Europe/London",
+        )
+    newest = [
+        row
+        for row in json.loads(ok(drip("timeline", "ana@example.com", "--json")).stdout)
+        if row["enrolment_status"] == "active"
+    ]
+    assert newest[0]["local_time"].endswith("+00:00")  # London, GMT in October's end

@@ -244,6 +244,10 @@ def test_walking_the_calendar_every_email_arrives_once_at_its_local_time(
         assert (
             timedelta(0) <= parsedate_to_datetime(str(parsed["Date"])) - due < timedelta(seconds=30)
         ), "sent at its due time"
+    logs = pipeline.logs()
+    assert "drip.send_batch" in logs  # the worker logged its work…
+    for personal in ("@example.com", "Ana", "Zoë", "Kenji"):
+        assert personal not in logs  # …by delivery id, never naming anyone
 
 
 def test_sigkill_of_a_worker_child_mid_batch_loses_and_repeats_nothing(

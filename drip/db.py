@@ -103,7 +103,7 @@ def _begin_immediate(raw: Any) -> None:
                 if "locked" not in str(e) or time.monotonic() > deadline:
                     raise
             time.sleep(pause * (0.5 + random.random()))
-            pause = min(pause * 2, 0.002)
+            pause = min(pause * 2, 0.0002)
     finally:
         raw.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
 

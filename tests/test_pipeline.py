@@ -139,13 +139,13 @@ class Pipeline:
         with self.engine.connect() as c:
             return set(c.scalars(select(Delivery.id).where(Delivery.state.in_(states))))
 
-    def wait_for_messages(self, n: int, timeout: float = 60) -> None:
+    def wait_for_messages(self, n: int, timeout: float = 120) -> None:
         try:
             self.smtp.wait_for(n, timeout)
         except AssertionError as e:
             raise AssertionError(f"{e}; states {self.states()}\n{self.logs()}") from None
 
-    def wait_settled(self, timeout: float = 60) -> None:
+    def wait_settled(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while self.owed():
             if time.monotonic() > deadline:

@@ -1,7 +1,7 @@
 """Engines, sessions and migrations, for SQLite and PostgreSQL alike.
 
 SQLite runs in WAL mode with a busy timeout, and every transaction starts with BEGIN IMMEDIATE:
-a writer takes the lock up front and waits for it (in short steps, see _begin_immediate), instead
+a writer takes the lock up front and waits for it (in short steps, see begin_immediate), instead
 of failing half-way through when another process wrote first.
 """
 
@@ -79,12 +79,12 @@ def _sqlite_engine(database: str | None, url: str, **kwargs: Any) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        _begin_immediate(conn.connection.dbapi_connection)
+        begin_immediate(conn.connection.dbapi_connection)
 
     return engine
 
 
-def _begin_immediate(raw: Any) -> None:
+def begin_immediate(raw: Any) -> None:
     """BEGIN IMMEDIATE, waiting for the write lock in short, jittered steps.
 
     SQLite's own busy handler sleeps 1 ms, then 2, 5, 10… while another process holds the lock,

@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 from drip import events
 from drip.campaigns import Campaign, load_campaign
 from drip.clock import Clock
+from drip.db import begin_immediate
 from drip.errors import (
     DripError,
     PermanentDeliveryError,
@@ -473,8 +474,8 @@ class _EmailCommit:
             self.cursor = self.raw.cursor()
         cursor, at = self.cursor, self.instant(now)
         try:
-            if self.sqlite:
-                cursor.execute("BEGIN IMMEDIATE")
+            if self.sqlite:  # the write lock, waited for in short steps (not the busy handler)
+                begin_immediate(self.raw)
             recorded = 0
             for delivery_id, message_id in sent:
                 self._execute(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, text, update
+from sqlalchemy import ColumnElement, select, text, update
 from sqlalchemy.orm import Session
 
 from drip.db import rowcount
@@ -44,7 +44,8 @@ def claim_due(session: Session, *, now: datetime, limit: int, lease: timedelta) 
     a nested loop that compares every due row with every enrolment: 250 ms per claim at 5,000
     patients. The subquery cannot be planned that way, whatever the statistics say.
     """
-    if session.get_bind().dialect.name == "postgresql":
+    sqlite = session.get_bind().dialect.name == "sqlite"
+    if not sqlite:
         # The planner prices the subquery filter pessimistically (it assumes 0.5% of rows pass),
         # so with a large table the estimate crosses jit_above_cost and every claim would spend
         # 4 ms compiling (130 ms the first time in a session) to run for under one.
@@ -67,12 +68,23 @@ def claim_due(session: Session, *, now: datetime, limit: int, lease: timedelta) 
             continue
         result = session.execute(
             update(DELIVERIES)
-            .where(D.id.in_(ids), D.state == state)
+            .where(D.id.in_(ids), (unindexed(D.state) if sqlite else D.state) == state)
             .values(state=CLAIMED, lease_until=now + lease, updated_at=now)
             .returning(D.id)
         )
         claimed.extend(result.scalars())
     return sorted(claimed)
+
+
+def unindexed(column: ColumnElement[str]) -> ColumnElement[str]:
+    """`column || ''`: the same value, but SQLite cannot use an index for the term.
+
+    Without ANALYZE statistics SQLite's planner expects an equality on the first column of an
+    index to match about ten rows, so `id IN (…700 ids…) AND state = ?` was run by walking
+    every row in that state in ix_deliveries_state_due_at (all the scheduled rows: 16 ms per
+    claim at 20,000 patients, under the write lock) instead of looking the ids up by primary
+    key. With the state term unindexable, only the primary key remains."""
+    return column + ""
 
 
 def release(session: Session, ids: list[int], *, now: datetime) -> int:

@@ -31,11 +31,12 @@ from datetime import datetime, timedelta
 from email.utils import parseaddr
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, Select, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from drip import events
 from drip.campaigns import Campaign, load_campaign
+from drip.claims import unindexed
 from drip.clock import Clock
 from drip.db import begin_immediate
 from drip.errors import (
@@ -121,29 +122,37 @@ class Outcome:
 
 D, E, P = DELIVERIES.c, ENROLMENTS.c, PATIENTS.c
 
-# Everything a batch needs of a row, in one SELECT of plain columns (no ORM objects).
-_LOAD = (
-    select(
-        D.id,
-        D.attempts,
-        D.step_key,
-        D.due_at,
-        E.status,
-        E.campaign,
-        P.id.label("patient_id"),
-        P.email,
-        P.first_name,
-        P.last_name,
-        P.timezone,
-        P.unsubscribed_at,
-        P.suppressed_at,
-        P.suppressed_reason,
+
+# Everything a batch needs of a row, in one SELECT of plain columns (no ORM objects). On SQLite
+# the state test must not use the state index (see drip.claims.unindexed): the ids are looked up
+# by primary key instead of walking every claimed row, with the write lock held.
+def _load(state: ColumnElement[str]) -> Select[Any]:
+    return (
+        select(
+            D.id,
+            D.attempts,
+            D.step_key,
+            D.due_at,
+            E.status,
+            E.campaign,
+            P.id.label("patient_id"),
+            P.email,
+            P.first_name,
+            P.last_name,
+            P.timezone,
+            P.unsubscribed_at,
+            P.suppressed_at,
+            P.suppressed_reason,
+        )
+        .join(ENROLMENTS, E.id == D.enrolment_id)
+        .join(PATIENTS, P.id == E.patient_id)
+        .where(D.id.in_(bindparam("ids", expanding=True)), state == CLAIMED)
+        .order_by(D.id)
     )
-    .join(ENROLMENTS, E.id == D.enrolment_id)
-    .join(PATIENTS, P.id == E.patient_id)
-    .where(D.id.in_(bindparam("ids", expanding=True)), D.state == CLAIMED)
-    .order_by(D.id)
-)
+
+
+_LOAD = _load(D.state)
+_LOAD_SQLITE = _load(unindexed(D.state))
 
 Loaded = Any  # a Row of _LOAD: attribute access by column name
 
@@ -207,7 +216,8 @@ class Sender:
         """Re-check every row; settle the ones not to send now; return the rest."""
         ready: list[Loaded] = []
         seen = 0
-        for row in connection.execute(_LOAD, {"ids": ids}):
+        load = _LOAD_SQLITE if connection.dialect.name == "sqlite" else _LOAD
+        for row in connection.execute(load, {"ids": ids}):
             seen += 1
             hold = self._hold(now, row)
             if hold is None:

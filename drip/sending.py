@@ -17,7 +17,9 @@ To keep the per-email cost low (a few hundred microseconds, most of it the SMTP 
   statements and events;
 - the rows are loaded with one Core SELECT of the columns needed, and the messages are rendered
   and built after that transaction has committed, so SQLite's write lock is held only while rows
-  change.
+  change;
+- each message is built while the server is still reading the previous one's body (_Builder,
+  the transport's `while_waiting`), so that wait is not idle time.
 """
 
 from __future__ import annotations
@@ -202,9 +204,8 @@ class Sender:
         with self.engine.begin() as connection:
             now = self.clock.now()
             ready = self._prepare(connection, now, ids, report)
-        jobs = self._build_all(ready, now, report)
-        if jobs:
-            self._send_all(jobs, report)
+        if ready:
+            self._send_all(_Builder(self, ready, now), report)
         log.info("batch of %d: %s", len(ids), report.as_dict())
         return report
 
@@ -242,29 +243,6 @@ class Sender:
             return SCHEDULED, None, self.settings.send_window.next_open(now, local)
         return None
 
-    def _build_all(self, rows: list[Loaded], now: datetime, report: BatchReport) -> list[Job]:
-        """Render and build each message, outside any transaction. A broken campaign or template
-        fails its rows (they are still `claimed`): never half an email."""
-        jobs: list[Job] = []
-        broken: list[tuple[int, str]] = []
-        campaigns: dict[str, Campaign | DripError] = {}
-        for row in rows:
-            job = Job(row.id, row.attempts, row.patient_id, row.email)
-            try:
-                campaign = self._campaign(row.campaign, campaigns)
-                if isinstance(campaign, DripError):
-                    raise campaign
-                self._build(job, campaign, row, now)
-            except DripError as e:
-                broken.append((row.id, f"render: {e}"))
-                continue
-            jobs.append(job)
-        if broken:
-            with self.engine.begin() as connection:
-                for delivery_id, reason in broken:
-                    _Settle(connection, delivery_id, now, report)(FAILED, reason)
-        return jobs
-
     def _campaign(self, slug: str, cache: dict[str, Campaign | DripError]) -> Campaign | DripError:
         if slug not in cache:
             try:
@@ -289,15 +267,15 @@ class Sender:
 
     # --- sending ----------------------------------------------------------------------------
 
-    def _send_all(self, jobs: list[Job], report: BatchReport) -> None:
+    def _send_all(self, builder: _Builder, report: BatchReport) -> None:
+        """Send the batch's messages in order; each is built while the server is busy with the
+        one before it (after its body went out, before its reply)."""
         outcomes: list[Outcome] = []
-        remaining = deque(jobs)
         failures_in_a_row = 0
         with self.engine.connect() as connection:
             fast = _EmailCommit(connection)
             try:
-                while remaining:
-                    job = remaining.popleft()
+                while (job := builder.next()) is not None:
                     if all(outcome.state == SENT for outcome in outcomes):
                         marked = self._next_fast(fast, outcomes, job, report)
                     else:  # something to log besides `sent`: the general path
@@ -307,7 +285,7 @@ class Sender:
                     if not marked:
                         report.not_ours += 1
                         continue
-                    outcome = self._send_one(job)
+                    outcome = self._send_one(job, builder.ahead)
                     outcomes.append(outcome)
                     failures_in_a_row = failures_in_a_row + 1 if outcome.state == RETRY else 0
                     if failures_in_a_row >= GIVE_UP_AFTER_CONSECUTIVE:
@@ -317,7 +295,8 @@ class Sender:
                     connection.rollback()
                 with connection.begin():
                     self._record(connection, outcomes, report)
-                    self._defer(connection, list(remaining), report)
+                    self._defer(connection, builder.unsent(), report)
+                    builder.settle_broken(connection, report)
 
     def _next_fast(
         self, fast: _EmailCommit, outcomes: list[Outcome], job: Job, report: BatchReport
@@ -340,9 +319,11 @@ class Sender:
         job.attempts += 1
         return result.rowcount == 1
 
-    def _send_one(self, job: Job) -> Outcome:
+    def _send_one(self, job: Job, while_waiting: Callable[[], None] | None = None) -> Outcome:
         try:
-            self.transport.send(self.envelope_from, job.recipient, job.message)
+            self.transport.send(
+                self.envelope_from, job.recipient, job.message, while_waiting=while_waiting
+            )
         except TransientDeliveryError as e:
             return self._transient(job, str(e))
         except PermanentDeliveryError as e:
@@ -423,15 +404,15 @@ class Sender:
                 detail=outcome.suppress,
             )
 
-    def _defer(self, connection: Connection, jobs: list[Job], report: BatchReport) -> None:
+    def _defer(self, connection: Connection, ids: list[int], report: BatchReport) -> None:
         """Rows not attempted because the mail server is failing: retry them later."""
-        if not jobs:
+        if not ids:
             return
         now = self.clock.now()
         due = now + backoff(1, self.rng) + BACKOFF_BASE
         changed = connection.execute(
             update(DELIVERIES)
-            .where(D.id.in_([j.id for j in jobs]), D.state == CLAIMED)
+            .where(D.id.in_(ids), D.state == CLAIMED)
             .values(
                 state=RETRY,
                 due_at=due,
@@ -441,6 +422,60 @@ class Sender:
             )
         )
         report.retry += changed.rowcount
+
+
+class _Builder:
+    """Renders and builds a batch's messages one at a time, outside any transaction, one ahead of
+    the message being sent when the transport lets it (`ahead`, called while the server reads a
+    body). A broken campaign or template fails its row (still `claimed`, settled with the batch's
+    last commit): never half an email."""
+
+    def __init__(self, sender: Sender, rows: list[Loaded], now: datetime) -> None:
+        self.sender, self.now = sender, now
+        self.rows: deque[Loaded] = deque(rows)
+        self.built: deque[Job] = deque()
+        self.broken: list[tuple[int, str]] = []
+        self.campaigns: dict[str, Campaign | DripError] = {}
+        self.error: Exception | None = None
+
+    def next(self) -> Job | None:
+        """The next message to send, or None when the batch is done."""
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        self._build_one()
+        return self.built.popleft() if self.built else None
+
+    def ahead(self) -> None:
+        """Build the next message now; never raises (an error is raised by next())."""
+        if self.built or self.error is not None:
+            return
+        try:
+            self._build_one()
+        except Exception as e:
+            self.error = e
+
+    def unsent(self) -> list[int]:
+        return [job.id for job in self.built] + [row.id for row in self.rows]
+
+    def settle_broken(self, connection: Connection, report: BatchReport) -> None:
+        for delivery_id, reason in self.broken:
+            _Settle(connection, delivery_id, self.now, report)(FAILED, reason)
+        self.broken.clear()
+
+    def _build_one(self) -> None:
+        while self.rows and not self.built:
+            row = self.rows.popleft()
+            job = Job(row.id, row.attempts, row.patient_id, row.email)
+            try:
+                campaign = self.sender._campaign(row.campaign, self.campaigns)
+                if isinstance(campaign, DripError):
+                    raise campaign
+                self.sender._build(job, campaign, row, self.now)
+            except DripError as e:
+                self.broken.append((row.id, f"render: {e}"))
+                continue
+            self.built.append(job)
 
 
 class _EmailCommit:

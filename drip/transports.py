@@ -75,8 +75,19 @@ _PLAIN_ADDRESS = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@{_ATEXT}(?:\.{_ATEXT})*")
 class Transport(Protocol):
     """Delivers finished messages; usable as a context manager that closes it."""
 
-    def send(self, envelope_from: str, recipient: str, message: bytes) -> None:
+    def send(
+        self,
+        envelope_from: str,
+        recipient: str,
+        message: bytes,
+        *,
+        while_waiting: Callable[[], None] | None = None,
+    ) -> None:
         """Deliver one message (bytes with CRLF line endings, headers included).
+
+        `while_waiting`, if given, may be called once while the server is busy with the message
+        (after the body went out, before its reply is read): work to overlap with that wait. It
+        must not raise.
 
         Raises TransientDeliveryError, PermanentDeliveryError or UnknownOutcomeError (see the
         module docstring for what each means to the caller)."""
@@ -233,11 +244,18 @@ class SMTPTransport(_Closing):
     def __repr__(self) -> str:  # no credentials, ever
         return f"SMTPTransport({self._where!r}, tls={self.tls!r})"
 
-    def send(self, envelope_from: str, recipient: str, message: bytes) -> None:
+    def send(
+        self,
+        envelope_from: str,
+        recipient: str,
+        message: bytes,
+        *,
+        while_waiting: Callable[[], None] | None = None,
+    ) -> None:
         payload = _data_payload(message)
         with self._lock:
             try:
-                self._send(envelope_from, recipient, message, payload)
+                self._send(envelope_from, recipient, message, payload, while_waiting)
             except DeliveryError:
                 raise  # the connection was already kept or dropped, as the failure required
             except BaseException:
@@ -263,14 +281,21 @@ class SMTPTransport(_Closing):
 
     # one message
 
-    def _send(self, sender: str, recipient: str, message: bytes, payload: bytes) -> None:
+    def _send(
+        self,
+        sender: str,
+        recipient: str,
+        message: bytes,
+        payload: bytes,
+        while_waiting: Callable[[], None] | None = None,
+    ) -> None:
         smtp, fresh = self._ready()
         try:
             self._envelope(smtp, sender, recipient, message, stale_is_possible=not fresh)
         except _StaleConnection:
             smtp = self._connect()
             self._envelope(smtp, sender, recipient, message, stale_is_possible=False)
-        self._body(smtp, payload)
+        self._body(smtp, payload, while_waiting)
 
     def _envelope(
         self,
@@ -423,10 +448,14 @@ class SMTPTransport(_Closing):
             ) from e
         self._check(smtp, stage, code, text, expect=expect)
 
-    def _body(self, smtp: smtplib.SMTP, payload: bytes) -> None:
+    def _body(
+        self, smtp: smtplib.SMTP, payload: bytes, while_waiting: Callable[[], None] | None = None
+    ) -> None:
         """After the 354 reply: from here a lost connection leaves the outcome unknown."""
         try:
             smtp.send(payload)
+            if while_waiting is not None:
+                while_waiting()  # the server is reading the body meanwhile
             code, text = smtp.getreply()
         except OSError as e:
             self._drop()
@@ -654,7 +683,14 @@ class FileTransport(_Closing):
     def __repr__(self) -> str:
         return f"FileTransport({str(self.directory)!r})"
 
-    def send(self, envelope_from: str, recipient: str, message: bytes) -> None:
+    def send(
+        self,
+        envelope_from: str,
+        recipient: str,
+        message: bytes,
+        *,
+        while_waiting: Callable[[], None] | None = None,
+    ) -> None:
         try:
             self._write(message)
         except OSError as e:
@@ -694,7 +730,14 @@ class MemoryTransport(_Closing):
         self.attempts = 0
         self.closed = False
 
-    def send(self, envelope_from: str, recipient: str, message: bytes) -> None:
+    def send(
+        self,
+        envelope_from: str,
+        recipient: str,
+        message: bytes,
+        *,
+        while_waiting: Callable[[], None] | None = None,
+    ) -> None:
         self.attempts += 1
         failure = self.failures.pop(0) if self.failures else None
         if failure is not None:

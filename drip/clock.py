@@ -61,3 +61,8 @@ def write_clock_file(path: Path, instant: datetime) -> None:
     temp = path.with_name(path.name + ".tmp")
     temp.write_text(instant.astimezone(UTC).isoformat())
     temp.replace(path)
+
+
+def iso(value: datetime | None) -> str | None:
+    """An instant as ISO-8601 to the second, for JSON output; None stays None."""
+    return value.isoformat(timespec="seconds") if value else None

@@ -9,6 +9,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from drip import events
+from drip.clock import iso
 from drip.errors import DripError, NotFound
 from drip.models import ACTIVE, FAILED, RETRY, SCHEDULED, UNKNOWN, Delivery, Enrolment, Patient
 
@@ -35,9 +36,9 @@ def list_deliveries(
             "campaign": campaign,
             "step": d.step_key,
             "state": d.state,
-            "due_at": _iso(d.due_at),
+            "due_at": iso(d.due_at),
             "attempts": d.attempts,
-            "sent_at": _iso(d.sent_at),
+            "sent_at": iso(d.sent_at),
             "message_id": d.message_id,
             "last_error": d.last_error,
         }
@@ -86,7 +87,3 @@ def _why_not(delivery: Delivery, enrolment: Enrolment, patient: Patient) -> str 
     if patient.unsubscribed_at or patient.suppressed_at:
         return "the patient unsubscribed or the address is suppressed"
     return None
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat(timespec="seconds") if value else None

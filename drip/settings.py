@@ -108,6 +108,18 @@ def _url(field: str, schemes: tuple[str, ...], example: str) -> Parser:
     return parse
 
 
+def _mail_url(name: str, raw: str) -> dict[str, Any]:
+    """The URL's form, then every option, checked by the parser that will use it (nothing
+    connects until the first send), so a bad `?tls=` fails at start-up, not in the worker."""
+    from drip.transports import open_transport
+
+    value = _url("mail_url", ("smtp", "smtps", "file"), "smtp://user:pass@mail.example:587")(
+        name, raw
+    )
+    open_transport(raw).close()
+    return value
+
+
 def _int(field: str, low: int, high: int) -> Parser:
     def parse(name: str, raw: str) -> dict[str, Any]:
         try:
@@ -201,9 +213,7 @@ _PARSERS = {
         "database_url", ("sqlite", "postgresql"), "sqlite:///var/drip.db or postgresql://…"
     ),
     "DRIP_BROKER_URL": _url("broker_url", ("redis", "rediss"), "redis://127.0.0.1:6379/0"),
-    "DRIP_MAIL_URL": _url(
-        "mail_url", ("smtp", "smtps", "file"), "smtp://user:pass@mail.example:587"
-    ),
+    "DRIP_MAIL_URL": _mail_url,
     "DRIP_SECRET_KEY": _text("secret_key"),
     "DRIP_PUBLIC_URL": _url("public_url", ("http", "https"), "https://drip.clinic.example"),
     "DRIP_FROM": _from,

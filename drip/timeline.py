@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from drip.campaigns import Campaign
+from drip.clock import iso
 from drip.models import Delivery, Enrolment, Patient
 from drip.patients import zone
 
@@ -38,16 +39,12 @@ class Entry:
             "enrolment_status": self.enrolment_status,
             "step": self.step,
             "state": self.state,
-            "due_at": _iso(self.due_at),
-            "local_time": _iso(self.local_time),
+            "due_at": iso(self.due_at),
+            "local_time": iso(self.local_time),
             "attempts": self.attempts,
-            "sent_at": _iso(self.sent_at),
+            "sent_at": iso(self.sent_at),
             "note": self.note,
         }
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat(timespec="seconds") if value else None
 
 
 def timeline(session: Session, patient: Patient, campaigns: dict[str, Campaign]) -> list[Entry]:

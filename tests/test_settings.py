@@ -70,6 +70,7 @@ def test_every_variable_is_read() -> None:
         ("DRIP_BROKER_URL", "redis://:6379", "no host"),
         ("DRIP_MAIL_URL", "smtp://mail.example:port", "bad port"),
         ("DRIP_MAIL_URL", "sendmail", "smtp/smtps/file"),
+        ("DRIP_MAIL_URL", "smtp://mail.example?tls=sometimes", "tls"),
         ("DRIP_PUBLIC_URL", "drip.example", "http/https"),
         ("DRIP_FROM", "care@clinic.example", "display name"),
         ("DRIP_SEND_WINDOW", "9-5", "09:00-19:00"),

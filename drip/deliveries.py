@@ -9,6 +9,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from drip import events
+from drip.claims import unindexed
 from drip.clock import iso
 from drip.errors import DripError, NotFound
 from drip.models import ACTIVE, FAILED, RETRY, SCHEDULED, UNKNOWN, Delivery, Enrolment, Patient
@@ -65,7 +66,7 @@ def retry(session: Session, ids: list[int], *, now: datetime, actor: str) -> int
     for delivery_id in ids:
         session.execute(
             update(Delivery)
-            .where(Delivery.id == delivery_id, Delivery.state.in_(RETRYABLE))
+            .where(Delivery.id == delivery_id, unindexed(Delivery.__table__.c.state).in_(RETRYABLE))
             .values(state=SCHEDULED, due_at=now, lease_until=None, updated_at=now)
         )
         events.record(

@@ -33,7 +33,7 @@ from datetime import datetime, timedelta
 from email.utils import parseaddr
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Engine, Select, bindparam, select, update
+from sqlalchemy import Connection, Engine, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from drip import events
@@ -125,43 +125,39 @@ class Outcome:
 D, E, P = DELIVERIES.c, ENROLMENTS.c, PATIENTS.c
 
 
-# Everything a batch needs of a row, in one SELECT of plain columns (no ORM objects). On SQLite
-# the state test must not use the state index (see drip.claims.unindexed): the ids are looked up
-# by primary key instead of walking every claimed row, with the write lock held.
-def _load(state: ColumnElement[str]) -> Select[Any]:
-    return (
-        select(
-            D.id,
-            D.attempts,
-            D.step_key,
-            D.due_at,
-            E.status,
-            E.campaign,
-            P.id.label("patient_id"),
-            P.email,
-            P.first_name,
-            P.last_name,
-            P.timezone,
-            P.unsubscribed_at,
-            P.suppressed_at,
-            P.suppressed_reason,
-        )
-        .join(ENROLMENTS, E.id == D.enrolment_id)
-        .join(PATIENTS, P.id == E.patient_id)
-        .where(D.id.in_(bindparam("ids", expanding=True)), state == CLAIMED)
-        .order_by(D.id)
+# Everything a batch needs of a row, in one SELECT of plain columns (no ORM objects). Like every
+# statement here that finds rows by id and checks their state, the state test must not use the
+# state index (see drip.claims.unindexed): the ids are looked up by primary key.
+_STATE = unindexed(D.state)
+_LOAD = (
+    select(
+        D.id,
+        D.attempts,
+        D.step_key,
+        D.due_at,
+        E.status,
+        E.campaign,
+        P.id.label("patient_id"),
+        P.email,
+        P.first_name,
+        P.last_name,
+        P.timezone,
+        P.unsubscribed_at,
+        P.suppressed_at,
+        P.suppressed_reason,
     )
-
-
-_LOAD = _load(D.state)
-_LOAD_SQLITE = _load(unindexed(D.state))
+    .join(ENROLMENTS, E.id == D.enrolment_id)
+    .join(PATIENTS, P.id == E.patient_id)
+    .where(D.id.in_(bindparam("ids", expanding=True)), _STATE == CLAIMED)
+    .order_by(D.id)
+)
 
 Loaded = Any  # a Row of _LOAD: attribute access by column name
 
 # The two statements of the per-email commit, built once (compiled-cache hits from then on).
 _MARK_SENDING = (
     update(DELIVERIES)
-    .where(D.id == bindparam("b_id"), D.state == CLAIMED)
+    .where(D.id == bindparam("b_id"), _STATE == CLAIMED)
     .values(
         state=SENDING,
         attempts=D.attempts + 1,
@@ -171,7 +167,7 @@ _MARK_SENDING = (
 )
 _RECORD_SENT = (
     update(DELIVERIES)
-    .where(D.id == bindparam("b_id"), D.state == SENDING)
+    .where(D.id == bindparam("b_id"), _STATE == SENDING)
     .values(
         state=SENT,
         lease_until=None,
@@ -217,8 +213,7 @@ class Sender:
         """Re-check every row; settle the ones not to send now; return the rest."""
         ready: list[Loaded] = []
         seen = 0
-        load = _LOAD_SQLITE if connection.dialect.name == "sqlite" else _LOAD
-        for row in connection.execute(load, {"ids": ids}):
+        for row in connection.execute(_LOAD, {"ids": ids}):
             seen += 1
             hold = self._hold(now, row)
             if hold is None:
@@ -268,35 +263,53 @@ class Sender:
     # --- sending ----------------------------------------------------------------------------
 
     def _send_all(self, builder: _Builder, report: BatchReport) -> None:
-        """Send the batch's messages in order; each is built while the server is busy with the
-        one before it (after its body went out, before its reply)."""
+        """Send the batch's messages in order. Each row is committed `sending` while the server
+        reads the message's envelope (the transport's `before_content`), and each message is
+        built while the server reads the one before it (after its body, before its reply)."""
         outcomes: list[Outcome] = []
         failures_in_a_row = 0
         with self.engine.connect() as connection:
             fast = _EmailCommit(connection)
             try:
                 while (job := builder.next()) is not None:
-                    if all(outcome.state == SENT for outcome in outcomes):
-                        marked = self._next_fast(fast, outcomes, job, report)
-                    else:  # something to log besides `sent`: the general path
-                        with connection.begin():
-                            self._record(connection, outcomes, report)
-                            marked = self._mark_sending(connection, job)
-                    if not marked:
+                    mark = _Mark(self._marker(connection, fast, outcomes, job, report))
+                    try:
+                        outcome = self._send_one(job, mark, builder.ahead)
+                    except _NotOurs:
                         report.not_ours += 1
                         continue
-                    outcome = self._send_one(job, builder.ahead)
                     outcomes.append(outcome)
                     failures_in_a_row = failures_in_a_row + 1 if outcome.state == RETRY else 0
                     if failures_in_a_row >= GIVE_UP_AFTER_CONSECUTIVE:
                         break
             finally:
+                fast.close()
                 if connection.in_transaction():  # a failure inside the block above
                     connection.rollback()
                 with connection.begin():
                     self._record(connection, outcomes, report)
                     self._defer(connection, builder.unsent(), report)
                     builder.settle_broken(connection, report)
+
+    def _marker(
+        self,
+        connection: Connection,
+        fast: _EmailCommit,
+        outcomes: list[Outcome],
+        job: Job,
+        report: BatchReport,
+    ) -> Callable[[], bool]:
+        """The commit that records the outcomes so far and marks `job` sending: the fast one
+        when every outcome is `sent` (the usual case), else the general one (events, logs)."""
+        if all(outcome.state == SENT for outcome in outcomes):
+            return lambda: self._next_fast(fast, outcomes, job, report)
+
+        def general() -> bool:
+            with connection.begin():
+                self._record(connection, outcomes, report)
+                return self._mark_sending(connection, job)
+
+        return general
 
     def _next_fast(
         self, fast: _EmailCommit, outcomes: list[Outcome], job: Job, report: BatchReport
@@ -319,17 +332,30 @@ class Sender:
         job.attempts += 1
         return result.rowcount == 1
 
-    def _send_one(self, job: Job, while_waiting: Callable[[], None] | None = None) -> Outcome:
+    def _send_one(
+        self, job: Job, mark: _Mark, while_waiting: Callable[[], None] | None = None
+    ) -> Outcome:
+        """Send one message; `mark` commits the row `sending` before any content goes out (and
+        raises _NotOurs if the row is no longer ours). A send that fails before the transport
+        called it is marked afterwards, so that every outcome is recorded from `sending`."""
         try:
             self.transport.send(
-                self.envelope_from, job.recipient, job.message, while_waiting=while_waiting
+                self.envelope_from,
+                job.recipient,
+                job.message,
+                before_content=mark,
+                while_waiting=while_waiting,
             )
         except TransientDeliveryError as e:
+            mark()
             return self._transient(job, str(e))
         except PermanentDeliveryError as e:
+            mark()
             return Outcome(job, FAILED, str(e), suppress=e.enhanced if e.bad_mailbox else None)
         except UnknownOutcomeError as e:
+            mark()
             return Outcome(job, UNKNOWN, str(e))
+        mark()  # a no-op: the transport called it (a transport that did not is not trusted)
         return Outcome(job, SENT)
 
     def _transient(self, job: Job, error: str) -> Outcome:
@@ -370,7 +396,7 @@ class Sender:
         if outcome.due_at is not None:
             values["due_at"] = outcome.due_at
         return connection.execute(
-            update(DELIVERIES).where(D.id == outcome.job.id, D.state == SENDING).values(**values)
+            update(DELIVERIES).where(D.id == outcome.job.id, _STATE == SENDING).values(**values)
         ).rowcount
 
     def _log(self, connection: Connection, outcome: Outcome, now: datetime) -> None:
@@ -412,7 +438,7 @@ class Sender:
         due = now + backoff(1, self.rng) + BACKOFF_BASE
         changed = connection.execute(
             update(DELIVERIES)
-            .where(D.id.in_(ids), D.state == CLAIMED)
+            .where(D.id.in_(ids), _STATE == CLAIMED)
             .values(
                 state=RETRY,
                 due_at=due,
@@ -478,16 +504,40 @@ class _Builder:
             self.built.append(job)
 
 
+class _NotOurs(Exception):
+    """The row is no longer `claimed` by this task (another copy of it got there first)."""
+
+
+class _Mark:
+    """The commit that makes a row ours to send (`claimed` → `sending`), run once."""
+
+    __slots__ = ("commit", "done")
+
+    def __init__(self, commit: Callable[[], bool]) -> None:
+        self.commit, self.done = commit, False
+
+    def __call__(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if not self.commit():
+            raise _NotOurs
+
+
 class _EmailCommit:
     """The commit made once per email on the hot path, on the driver's own connection.
 
     Two conditional UPDATEs: the rows just accepted by the server `sending` → `sent`, the next
     row `claimed` → `sending`. Through SQLAlchemy they cost about 150 µs of Python per email, and
     on SQLite the write lock is held meanwhile, so two worker processes keep running into it
-    (and SQLite's busy handler then sleeps for a whole millisecond). Here they are two driver
-    calls with the SQL written once: the same statements, the same conditions, the values bound
-    by the columns' own SQLAlchemy types. The connection is idle as far as SQLAlchemy knows
-    (no transaction of its own is open), and every path ends in commit or rollback.
+    (and SQLite's busy handler then sleeps for a whole millisecond). Here they are driver calls
+    with the SQL written once: the same statements, the same conditions, the values bound by the
+    columns' own SQLAlchemy types. The connection is idle as far as SQLAlchemy knows (no
+    transaction of its own is open), and every path ends in commit or rollback.
+
+    On PostgreSQL both UPDATEs are one statement (two data-modifying CTEs) run in autocommit
+    mode: the server runs it as a transaction of its own, so the commit is one round trip
+    instead of four (BEGIN, two UPDATEs, COMMIT), which halves its time.
     """
 
     def __init__(self, connection: Connection) -> None:
@@ -496,16 +546,27 @@ class _EmailCommit:
         self.sqlite = dialect.name == "sqlite"
         style = ":{}" if self.sqlite else "%({})s"  # sqlite3 named / psycopg pyformat
         table = DELIVERIES.name
-        self.mark_sql = (
-            f"UPDATE {table} SET state = '{SENDING}', attempts = attempts + 1, "
-            f"lease_until = {style.format('lease_until')}, updated_at = {style.format('now')} "
-            f"WHERE id = {style.format('id')} AND state = '{CLAIMED}'"
-        )
-        self.sent_sql = (
-            f"UPDATE {table} SET state = '{SENT}', lease_until = NULL, "
-            f"updated_at = {style.format('now')}, message_id = {style.format('message_id')}, "
-            f"sent_at = {style.format('now')}, last_error = NULL "
-            f"WHERE id = {style.format('id')} AND state = '{SENDING}'"
+
+        def mark(id_: str) -> str:
+            return (
+                f"UPDATE {table} SET state = '{SENDING}', attempts = attempts + 1, "
+                f"lease_until = {style.format('lease_until')}, updated_at = {style.format('now')} "
+                f"WHERE id = {style.format(id_)} AND state || '' = '{CLAIMED}'"
+            )
+
+        def sent(id_: str) -> str:
+            return (
+                f"UPDATE {table} SET state = '{SENT}', lease_until = NULL, "
+                f"updated_at = {style.format('now')}, message_id = {style.format('message_id')}, "
+                f"sent_at = {style.format('now')}, last_error = NULL "
+                f"WHERE id = {style.format(id_)} AND state || '' = '{SENDING}'"
+            )
+
+        self.mark_sql, self.sent_sql = mark("id"), sent("id")
+        self.both_sql = (
+            f"WITH sent AS ({sent('sent_id')} RETURNING id), "
+            f"marked AS ({mark('mark_id')} RETURNING id) "
+            "SELECT (SELECT count(*) FROM sent), (SELECT count(*) FROM marked)"
         )
         process = D.updated_at.type.dialect_impl(dialect).bind_processor(dialect)
         self.instant: Callable[[datetime], Any] = process or (lambda value: value)
@@ -517,33 +578,59 @@ class _EmailCommit:
         """(rows recorded `sent`, whether `mark` is now ours in `sending`)."""
         if self.cursor is None:
             self.cursor = self.raw.cursor()
-        cursor, at = self.cursor, self.instant(now)
+        at, until = self.instant(now), self.instant(lease_until)
+        if self.sqlite:
+            recorded, marked = self._sqlite(sent, mark, at, until)
+        else:
+            recorded, marked = self._postgresql(sent, mark, at, until)
+        for delivery_id, _ in sent:
+            log.debug("delivery %d sent", delivery_id)
+        return recorded, marked
+
+    def close(self) -> None:
+        if self.cursor is not None:
+            self.cursor.close()
+            self.cursor = None
+
+    def _sqlite(
+        self, sent: list[tuple[int, str]], mark: int, at: Any, until: Any
+    ) -> tuple[int, bool]:
+        cursor = self.cursor
         try:
-            if self.sqlite:  # the write lock, waited for in short steps (not the busy handler)
-                begin_immediate(self.raw)
+            begin_immediate(self.raw)  # the write lock, waited for in short steps
             recorded = 0
             for delivery_id, message_id in sent:
-                self._execute(
+                cursor.execute(
                     self.sent_sql, {"id": delivery_id, "now": at, "message_id": message_id}
                 )
                 recorded += cursor.rowcount
-            self._execute(
-                self.mark_sql, {"id": mark, "now": at, "lease_until": self.instant(lease_until)}
-            )
+            cursor.execute(self.mark_sql, {"id": mark, "now": at, "lease_until": until})
             marked = cursor.rowcount == 1
             self.raw.commit()
         except BaseException:
             self.raw.rollback()
             raise
-        for delivery_id, _ in sent:
-            log.debug("delivery %d sent", delivery_id)
         return recorded, marked
 
-    def _execute(self, sql: str, params: dict[str, Any]) -> None:
-        if self.sqlite:
-            self.cursor.execute(sql, params)
-        else:  # psycopg: prepared once per connection, whatever prepare_threshold says
-            self.cursor.execute(sql, params, prepare=True)
+    def _postgresql(
+        self, sent: list[tuple[int, str]], mark: int, at: Any, until: Any
+    ) -> tuple[int, bool]:
+        cursor, recorded = self.cursor, 0
+        pending: list[tuple[int | None, str | None]] = [*sent] or [(None, None)]
+        *earlier, (last_id, last_message_id) = pending
+        self.raw.autocommit = True  # each statement below is a transaction of its own
+        try:
+            for delivery_id, message_id in earlier:  # not the usual case: one message per commit
+                cursor.execute(
+                    self.sent_sql, {"id": delivery_id, "now": at, "message_id": message_id}
+                )
+                recorded += cursor.rowcount
+            params = {"sent_id": last_id, "message_id": last_message_id, "mark_id": mark}
+            cursor.execute(self.both_sql, {**params, "now": at, "lease_until": until}, prepare=True)
+            last, marked = cursor.fetchone()
+        finally:
+            self.raw.autocommit = False
+        return recorded + last, marked == 1
 
 
 class _Settle:
@@ -562,7 +649,7 @@ class _Settle:
         else:
             values["last_error"] = reason
         changed = self.connection.execute(
-            update(DELIVERIES).where(D.id == self.delivery_id, D.state == CLAIMED).values(**values)
+            update(DELIVERIES).where(D.id == self.delivery_id, _STATE == CLAIMED).values(**values)
         )
         if not changed.rowcount:
             self.report.not_ours += 1

@@ -23,8 +23,11 @@ anything that looks like an address replaced by "[address]"; never the recipient
 Speed comes from reusing one connection for many messages and, when the server offers PIPELINING
 (RFC 2920), from writing MAIL, RCPT and DATA at once: two round trips per message (the commands,
 then the body) instead of four, and no parsing of the message. The body phase, and with it the
-unknown outcome, is the same either way. A transport is meant to be owned by one worker process;
-a lock makes sharing it between threads safe, and a connection inherited over fork() is never used.
+unknown outcome, is the same either way. The caller's `before_content` (drip commits the row as
+`sending` there) runs while the server reads those commands, so that commit and the round trip
+overlap; no byte of the content goes out before it has returned. A transport is meant to be
+owned by one worker process; a lock makes sharing it between threads safe, and a connection
+inherited over fork() is never used.
 """
 
 from __future__ import annotations
@@ -81,9 +84,15 @@ class Transport(Protocol):
         recipient: str,
         message: bytes,
         *,
+        before_content: Callable[[], None] | None = None,
         while_waiting: Callable[[], None] | None = None,
     ) -> None:
         """Deliver one message (bytes with CRLF line endings, headers included).
+
+        `before_content`, if given, is called at most once, before any of the message's content
+        goes out: the caller's last word on whether it may. If it raises, nothing of the message
+        is delivered, the exception propagates, and a connection the server may still expect
+        content on is dropped. It is not called when the send fails before that point.
 
         `while_waiting`, if given, may be called once while the server is busy with the message
         (after the body went out, before its reply is read): work to overlap with that wait. It
@@ -250,12 +259,15 @@ class SMTPTransport(_Closing):
         recipient: str,
         message: bytes,
         *,
+        before_content: Callable[[], None] | None = None,
         while_waiting: Callable[[], None] | None = None,
     ) -> None:
         payload = _data_payload(message)
         with self._lock:
             try:
-                self._send(envelope_from, recipient, message, payload, while_waiting)
+                self._send(
+                    envelope_from, recipient, message, payload, _Once(before_content), while_waiting
+                )
             except DeliveryError:
                 raise  # the connection was already kept or dropped, as the failure required
             except BaseException:
@@ -287,14 +299,20 @@ class SMTPTransport(_Closing):
         recipient: str,
         message: bytes,
         payload: bytes,
+        before_content: _Once,
         while_waiting: Callable[[], None] | None = None,
     ) -> None:
         smtp, fresh = self._ready()
         try:
-            self._envelope(smtp, sender, recipient, message, stale_is_possible=not fresh)
+            self._envelope(
+                smtp, sender, recipient, message, before_content, stale_is_possible=not fresh
+            )
         except _StaleConnection:
             smtp = self._connect()
-            self._envelope(smtp, sender, recipient, message, stale_is_possible=False)
+            self._envelope(
+                smtp, sender, recipient, message, before_content, stale_is_possible=False
+            )
+        before_content()  # a no-op (_envelope called it): no path reaches the body without it
         self._body(smtp, payload, while_waiting)
 
     def _envelope(
@@ -303,13 +321,24 @@ class SMTPTransport(_Closing):
         sender: str,
         recipient: str,
         message: bytes,
+        before_content: _Once,
         *,
         stale_is_possible: bool,
     ) -> None:
-        """MAIL, RCPT and DATA up to the 354 reply: pipelined when the server offers it."""
+        """MAIL, RCPT and DATA up to the 354 reply: pipelined when the server offers it.
+        `before_content` runs while the server reads the pipelined commands; in lock-step,
+        before MAIL."""
         if smtp.has_extn("pipelining"):
-            self._pipelined(smtp, sender, recipient, message, stale_is_possible=stale_is_possible)
+            self._pipelined(
+                smtp,
+                sender,
+                recipient,
+                message,
+                before_content,
+                stale_is_possible=stale_is_possible,
+            )
             return
+        before_content()
         self._mail(smtp, sender, recipient, message, stale_is_possible=stale_is_possible)
         self._command(smtp, "RCPT", lambda: smtp.rcpt(recipient))
         self._command(smtp, "DATA", lambda: smtp.docmd("data"), expect=354)
@@ -320,10 +349,14 @@ class SMTPTransport(_Closing):
         sender: str,
         recipient: str,
         message: bytes,
+        before_content: _Once,
         *,
         stale_is_possible: bool,
     ) -> None:
-        """MAIL, RCPT and DATA in one write (RFC 2920), then their three replies in order.
+        """MAIL, RCPT and DATA in one write (RFC 2920), then `before_content` while the server
+        reads them, then their three replies in order. If `before_content` raises, the server
+        may already be waiting for content (354): the connection is dropped, which ends the
+        transaction with nothing delivered (RFC 5321 4.1.1.4).
 
         Every reply is read before anything else is written, so the conversation stays in step
         whatever the server answered. The first refusal is the one raised, with the same
@@ -339,6 +372,19 @@ class SMTPTransport(_Closing):
         commands = f"MAIL FROM:{mail_from}\r\nRCPT TO:{_envelope_address(recipient)}\r\nDATA\r\n"
         try:
             smtp.send(commands.encode("utf-8" if "SMTPUTF8" in options else "ascii"))
+        except OSError as e:
+            if stale_is_possible:
+                raise _StaleConnection from e
+            self._drop()
+            raise TransientDeliveryError(
+                f"{self._where}: connection lost at MAIL: {_describe(e)}"
+            ) from e
+        try:
+            before_content()
+        except BaseException:
+            self._drop()
+            raise
+        try:
             reply = smtp.getreply()
         except OSError as e:
             if stale_is_possible:
@@ -605,6 +651,21 @@ class SMTPTransport(_Closing):
             smtp.close()
 
 
+class _Once:
+    """Calls a caller's `before_content` the first time only: a reconnection after a stale
+    connection goes through the envelope again, but the caller's commit happened already."""
+
+    __slots__ = ("call",)
+
+    def __init__(self, call: Callable[[], None] | None) -> None:
+        self.call = call
+
+    def __call__(self) -> None:
+        call, self.call = self.call, None
+        if call is not None:
+            call()
+
+
 class _StaleConnection(Exception):
     """Raised inside SMTPTransport when a reused connection turned out to be dead at MAIL."""
 
@@ -689,8 +750,11 @@ class FileTransport(_Closing):
         recipient: str,
         message: bytes,
         *,
+        before_content: Callable[[], None] | None = None,
         while_waiting: Callable[[], None] | None = None,
     ) -> None:
+        if before_content is not None:
+            before_content()
         try:
             self._write(message)
         except OSError as e:
@@ -736,12 +800,15 @@ class MemoryTransport(_Closing):
         recipient: str,
         message: bytes,
         *,
+        before_content: Callable[[], None] | None = None,
         while_waiting: Callable[[], None] | None = None,
     ) -> None:
         self.attempts += 1
         failure = self.failures.pop(0) if self.failures else None
         if failure is not None:
             raise failure
+        if before_content is not None:
+            before_content()
         self.messages.append((envelope_from, recipient, message))
         self.closed = False
 

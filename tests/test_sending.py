@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import Result
@@ -288,3 +289,43 @@ def test_ids_that_are_no_longer_claimed_are_left_alone(
     report = sender(engine, settings, transport).send_batch([*ids, 999_999])
     assert report.not_ours == 2 and transport.messages == []
     assert rows(engine)[ids[0]].state == "cancelled"
+
+
+class _TakenMeanwhile(MemoryTransport):
+    """Before the second message's content may go out, another copy of the task takes its row
+    (as if the lease had run out and the row had been claimed again)."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__()
+        self.engine, self.calls = engine, 0
+
+    def send(self, envelope_from: str, recipient: str, message: bytes, **hooks: Any) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            delivery = int(BytesParser().parsebytes(message)["X-Drip-Delivery"])
+            with self.engine.begin() as c:
+                c.execute(update(Delivery).where(Delivery.id == delivery).values(state="scheduled"))
+        super().send(envelope_from, recipient, message, **hooks)
+
+
+def test_a_row_taken_between_loading_and_sending_is_not_sent(
+    enrolled: Callable[..., None], engine: Engine, settings: Settings
+) -> None:
+    enrolled("ana@example.com", "ben@example.com", "cy@example.com")
+    ids = claim(engine)
+    transport = _TakenMeanwhile(engine)
+    report = sender(engine, settings, transport).send_batch(ids)
+    assert (report.sent, report.not_ours) == (2, 1) and len(transport.messages) == 2
+    states = sorted(d.state for d in rows(engine).values() if d.id in ids)
+    assert states == ["scheduled", "sent", "sent"]
+
+
+def test_a_failure_before_the_transport_could_mark_the_row_still_records_an_attempt(
+    enrolled: Callable[..., None], engine: Engine, settings: Settings
+) -> None:
+    enrolled()
+    ids = claim(engine)
+    transport = MemoryTransport([TransientDeliveryError("connection refused")])
+    report = sender(engine, settings, transport).send_batch(ids)
+    delivery = rows(engine)[ids[0]]
+    assert report.retry == 1 and delivery.state == "retry" and delivery.attempts == 1

@@ -356,6 +356,61 @@ def test_lock_step_is_kept_when_the_server_does_not_offer_pipelining(
     assert server.bodies == [MESSAGE.replace(b"\n.", b"\n..")]
 
 
+class Refused(Exception):
+    pass
+
+
+def test_before_content_runs_after_the_pipelined_commands_went_out_and_before_the_body(
+    writes: list[bytes],
+) -> None:
+    seen: list[int] = []
+    with ScriptedServer() as server, transport(server) as smtp:
+        smtp.send(SENDER, PATIENT, MESSAGE, before_content=lambda: seen.append(len(writes)))
+    assert seen == [len(writes) - 2]  # after MAIL/RCPT/DATA; before the body and QUIT
+    assert writes[seen[0] - 1].startswith(b"MAIL FROM:") and len(server.bodies) == 1
+
+
+def test_before_content_runs_before_mail_in_lock_step(writes: list[bytes]) -> None:
+    seen: list[bytes] = []
+    with ScriptedServer(extensions=LOCK_STEP) as server, transport(server) as smtp:
+        first = len(writes)
+        smtp.send(SENDER, PATIENT, MESSAGE, before_content=lambda: seen.extend(writes[first:]))
+    assert not [w for w in seen if w.lower().startswith(b"mail")] and len(server.bodies) == 1
+
+
+@pytest.mark.parametrize("extensions", [("PIPELINING", "8BITMIME"), LOCK_STEP])
+def test_when_before_content_raises_nothing_is_delivered_and_the_next_message_goes_out(
+    extensions: tuple[str, ...],
+) -> None:
+    def refuse() -> None:
+        raise Refused
+
+    with ScriptedServer(extensions=extensions) as server, transport(server) as smtp:
+        with pytest.raises(Refused):
+            smtp.send(SENDER, PATIENT, MESSAGE, before_content=refuse)
+        smtp.send(SENDER, "other@patients.example", MESSAGE)
+    assert server.bodies == [MESSAGE.replace(b"\n.", b"\n..")]
+    rcpts = [c for c in server.commands if c.upper().startswith("RCPT")]
+    assert rcpts[-1].endswith("<other@patients.example>")
+
+
+def test_before_content_is_not_run_when_the_send_fails_first() -> None:
+    calls: list[str] = []
+    with pytest.raises(TransientDeliveryError):
+        SMTPTransport(HOST, closed_port(), timeout=2.0).send(
+            SENDER, PATIENT, MESSAGE, before_content=lambda: calls.append("x")
+        )
+    assert calls == []
+
+
+def test_before_content_runs_once_when_a_stale_connection_is_replaced() -> None:
+    calls: list[str] = []
+    with ScriptedServer({"MAIL": ["250 Ok", DROP]}) as server, transport(server) as smtp:
+        smtp.send(SENDER, PATIENT, MESSAGE)
+        smtp.send(SENDER, PATIENT, MESSAGE, before_content=lambda: calls.append("x"))
+    assert calls == ["x"] and server.connections == 2 and len(server.bodies) == 2
+
+
 def test_many_messages_are_pipelined_over_one_connection() -> None:
     with ScriptedServer() as server, transport(server) as smtp:
         for i in range(50):

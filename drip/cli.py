@@ -507,10 +507,6 @@ def _temporary_file(suffix: str) -> Path:
     return Path(name)
 
 
-if __name__ == "__main__":
-    main()
-
-
 # --- operating ----------------------------------------------------------------------------------
 
 
@@ -607,3 +603,7 @@ def demo(patients: int) -> None:
     from drip.demo import Demo
 
     Demo(Path("var/demo"), patients=patients).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -9,12 +9,14 @@ must still be in, so a second copy of a task (redelivered, or racing) finds noth
 To keep the per-email cost low (a few hundred microseconds, most of it the SMTP exchange):
 
 - the commit that records one message's outcome is the same commit that marks the next message
-  `sending`: one commit per email, on one connection held for the batch;
-- when every outcome to record is `sent` (the usual case), that commit is two driver calls with
-  SQL written once (_EmailCommit): no ORM UPDATE path (which builds, coerces and evaluates the
-  statement against the identity map every time) and no SQLAlchemy execution in between, which
-  also keeps SQLite's write lock short; any other outcome takes the general path, with Core
-  statements and events;
+  `sending`: one commit per email, on one connection held for the batch, made while the SMTP
+  server reads that message's envelope (the transport's `before_content`: no content goes out
+  before it returns);
+- when every outcome to record is `sent` (the usual case), that commit is driver calls with SQL
+  written once (_EmailCommit; on PostgreSQL, one statement in autocommit): no ORM UPDATE path
+  (which builds, coerces and evaluates the statement against the identity map every time) and
+  no SQLAlchemy execution in between, which also keeps SQLite's write lock short; any other
+  outcome takes the general path, with Core statements and events;
 - the rows are loaded with one Core SELECT of the columns needed, and the messages are rendered
   and built after that transaction has committed, so SQLite's write lock is held only while rows
   change;

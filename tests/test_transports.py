@@ -388,10 +388,10 @@ def test_when_before_content_raises_nothing_is_delivered_and_the_next_message_go
     with ScriptedServer(extensions=extensions) as server, transport(server) as smtp:
         with pytest.raises(Refused):
             smtp.send(SENDER, PATIENT, MESSAGE, before_content=refuse)
-        smtp.send(SENDER, "other@patients.example", MESSAGE)
-    assert server.bodies == [MESSAGE.replace(b"\n.", b"\n..")]
-    rcpts = [c for c in server.commands if c.upper().startswith("RCPT")]
-    assert rcpts[-1].endswith("<other@patients.example>")
+        smtp.send(SENDER, "other@patients.example", b"Subject: the next one\r\n\r\nHi\r\n")
+    # Only the next message's body arrived. (The order of commands across the dropped connection
+    # and the new one is up to the server's threads, so the bodies are what is compared.)
+    assert server.bodies == [b"Subject: the next one\r\n\r\nHi\r\n"]
 
 
 def test_before_content_is_not_run_when_the_send_fails_first() -> None:

@@ -142,6 +142,9 @@ def _step(source: Path, index: int, raw: Any) -> Step:
     subject = str(raw.get("subject", "")).strip()
     if not subject:
         raise CampaignError(f"{where}: needs a subject")
+    preheader = str(raw.get("preheader", "")).strip()
+    for name, value in (("subject", subject), ("preheader", preheader)):
+        _one_line(where, name, value)
     return Step(
         key=key,
         anchor=anchor,
@@ -150,5 +153,20 @@ def _step(source: Path, index: int, raw: Any) -> Step:
         late=late,
         skip_after=skip_after,
         subject=subject,
-        preheader=str(raw.get("preheader", "")).strip(),
+        preheader=preheader,
     )
+
+
+def _one_line(where: str, name: str, value: str) -> None:
+    """Refuse a line break here, where the campaign is loaded: the subject goes into an email
+    header and the preheader is the one line an inbox shows after it. Caught later, a subject
+    would fail every email of the step when it is built, not once when the campaign is read."""
+    if "\n" in value or "\r" in value:
+        raise CampaignError(
+            f"{where}: the {name} {value!r} spans more than one line; write it on one line, "
+            f'like {name} = "…", not as a multi-line """…""" string'
+        )
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise CampaignError(
+            f"{where}: the {name} {value!r} contains a control character; remove it"
+        )

@@ -2,7 +2,8 @@
 
 For each campaign in the templates dir it checks, in this order:
 
-    campaign      campaign.toml loads (valid TOML, well-formed steps) and the folder is a slug
+    campaign      campaign.toml loads (valid TOML, well-formed steps, a one-line subject and
+                  preheader) and the folder is a slug inside the templates dir
     missing-part  every step has both <step>.html.j2 and <step>.txt.j2
     template      every template and the layouts it extends parse, and render for a sample patient
                   (a per-patient variable used other than plainly output is refused by Renderer)
@@ -43,10 +44,17 @@ import jinja2
 from jinja2 import meta, nodes
 
 from drip.campaigns import SLUG, Campaign, Step, campaign_slugs, load_campaign
-from drip.errors import DripError, NotFound
+from drip.errors import DripError, NotFound, TemplateError
 from drip.messages import compose
 from drip.preview import SAMPLE_PATIENT
-from drip.rendering import PATIENT_VARIABLES, PROCESS_VARIABLES, STEP_VARIABLES, Renderer
+from drip.rendering import (
+    PATIENT_VARIABLES,
+    PROCESS_VARIABLES,
+    STEP_VARIABLES,
+    Renderer,
+    environment,
+    template_names,
+)
 from drip.settings import Settings
 
 ALLOWED_VARIABLES = frozenset(PATIENT_VARIABLES + PROCESS_VARIABLES + STEP_VARIABLES)
@@ -164,12 +172,7 @@ class _Linter:
         self.templates_dir = settings.templates_dir
         self.root = settings.templates_dir.resolve()
         self.renderer = Renderer(settings)
-        self.env = jinja2.Environment(
-            loader=jinja2.FileSystemLoader([self.root]),
-            trim_blocks=True,
-            lstrip_blocks=True,
-            keep_trailing_newline=True,
-        )
+        self.env = environment(self.root, autoescape=False)  # only parses: escaping is moot
         self.report = Report()
         self.file_ok: dict[str, bool] = {}  # template name -> it and what it extends are fine
 
@@ -204,8 +207,9 @@ class _Linter:
         for index, step in enumerate(campaign.steps):
             self.report.steps += 1
             self._subject_and_preheader(source, toml_lines, index, step)
-            if self._templates(campaign, step.key):
-                self._rendered(campaign, step.key)
+            names = self._templates(campaign, step.key)
+            if names is not None:
+                self._rendered(campaign, step.key, names)
 
     def _subject_and_preheader(
         self, source: Path, toml_lines: list[str], index: int, step: Step
@@ -224,12 +228,17 @@ class _Linter:
 
     # --- the templates of one step, before rendering ----------------------------------------
 
-    def _templates(self, campaign: Campaign, step_key: str) -> bool:
-        """Both parts exist, and they and their layouts parse and use only allowed variables."""
-        folder = campaign.path.resolve().relative_to(self.root).as_posix()
+    def _templates(self, campaign: Campaign, step_key: str) -> tuple[str, str] | None:
+        """The step's (HTML, text) template names, if both parts exist, and they and their
+        layouts parse and use only allowed variables; None once that is reported."""
+        try:
+            names = template_names(campaign, step_key, self.root)
+        except TemplateError as e:
+            self.add(campaign.path, None, None, "campaign", str(e))
+            return None
+        folder = names[0].rpartition("/")[0]
         ok = True
-        for suffix in ("html", "txt"):
-            name = f"{folder}/{step_key}.{suffix}.j2"
+        for name, suffix in zip(names, ("html", "txt"), strict=True):
             if not (self.root / name).is_file():
                 self.add(
                     self.root / name,
@@ -242,7 +251,7 @@ class _Linter:
                 ok = False
             elif not self._template(name, step_key, folder):
                 ok = False
-        return ok
+        return names if ok else None
 
     def _template(self, name: str, step_key: str, folder: str) -> bool:
         if name in self.file_ok:
@@ -287,19 +296,14 @@ class _Linter:
 
     # --- the email as it is sent ------------------------------------------------------------
 
-    def _rendered(self, campaign: Campaign, step_key: str) -> None:
-        folder = campaign.path / step_key
-        html_file, text_file = Path(f"{folder}.html.j2"), Path(f"{folder}.txt.j2")
+    def _rendered(self, campaign: Campaign, step_key: str, names: tuple[str, str]) -> None:
+        html_file, text_file = (self.root / name for name in names)
         try:
             composed = compose(
                 self.settings, self.renderer, campaign, step_key, SAMPLE_PATIENT, now=self.now
             )
         except DripError as e:
             self._render_error(str(e), html_file, step_key)
-            return
-        except ValueError as e:  # build_message refuses a subject it cannot put in a header
-            source = campaign.path / "campaign.toml"
-            self.add(source, None, step_key, "message", f"step {step_key!r}: {e}")
             return
         email = BytesParser(policy=policy.default).parsebytes(composed.message)
         html, text = _body(email, "html"), _body(email, "plain")

@@ -29,7 +29,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from email import policy
 from email.headerregistry import Address
 from email.utils import format_datetime, parseaddr
@@ -111,6 +111,14 @@ def make_message_id(from_address: str) -> str:
     return f"<{secrets.token_hex(8)}.{time.time_ns()}@{_domain(from_address)}>"
 
 
+@lru_cache(maxsize=64)
+def envelope_from(from_address: str) -> str:
+    """The envelope sender (SMTP MAIL FROM) for a From value like DRIP_FROM_ADDRESS: the bare
+    addr-spec without its display name. One function, so every sender bounces to the same
+    address."""
+    return parseaddr(from_address)[1]
+
+
 def build_message(
     rendered: Rendered,
     *,
@@ -152,7 +160,7 @@ def _headers(
         _from_header(from_address),
         b"To: %s\r\n" % _header_value("To", to),
         _subject_header(rendered.subject),
-        b"Date: %s\r\n" % format_datetime(date).encode("ascii"),
+        _date_header(date, date.utcoffset()),
         b"Message-ID: %s\r\n" % _header_value("Message-ID", message_id),
         b"MIME-Version: 1.0\r\n",
         b"List-Unsubscribe: <%s>\r\n" % _header_value("List-Unsubscribe", unsubscribe_url),
@@ -168,6 +176,14 @@ def _header_value(name: str, value: str) -> bytes:
     if not _HEADER_VALUE.fullmatch(value) or len(value) > MAX_HEADER_LINE - 80:
         raise ValueError(f"{name} {value!r} is not a short printable-ASCII value without spaces")
     return value.encode("ascii")
+
+
+@lru_cache(maxsize=16)
+def _date_header(date: datetime, offset: timedelta | None) -> bytes:
+    """A batch composes every email with the same `now`, so each Date is formatted once. The
+    offset is part of the key because equal instants in different zones compare (and hash)
+    equal, yet their Date headers differ."""
+    return b"Date: %s\r\n" % format_datetime(date).encode("ascii")
 
 
 @lru_cache(maxsize=64)
@@ -198,7 +214,7 @@ def _fold(name: str, value: object) -> bytes:
 
 @lru_cache(maxsize=64)
 def _domain(from_address: str) -> str:
-    domain = parseaddr(from_address)[1].rpartition("@")[2]
+    domain = envelope_from(from_address).rpartition("@")[2]
     if not domain:
         raise ValueError(f"from address {from_address!r} has no domain for a Message-ID")
     return domain.encode("idna").decode("ascii")

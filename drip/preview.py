@@ -9,8 +9,8 @@ that, like every event, holds ids and never an address.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
-from email.utils import parseaddr
 
 from sqlalchemy.orm import Session
 
@@ -18,7 +18,7 @@ from drip import events
 from drip.campaigns import Campaign
 from drip.enrolment import find_patient
 from drip.errors import DeliveryError, InputError
-from drip.messages import Composed, Recipient, compose
+from drip.messages import Composed, Recipient, compose, envelope_from
 from drip.patients import check_email
 from drip.rendering import Renderer
 from drip.settings import Settings
@@ -81,12 +81,12 @@ def send_test(
         Renderer(settings),
         campaign,
         step_key,
-        Recipient(address, who.first_name, who.last_name, who.patient_id),
+        replace(who, email=address),
         now=now,
         subject_prefix=TEST_SUBJECT_PREFIX,
     )
     try:
-        transport.send(parseaddr(settings.from_address)[1], address, composed.message)
+        transport.send(envelope_from(settings.from_address), address, composed.message)
     except DeliveryError as e:
         raise DeliveryError(f"the test email was not sent: {e}; check DRIP_MAIL_URL") from e
     return composed

@@ -119,8 +119,8 @@ class Renderer:
     def __init__(self, settings: Settings) -> None:
         self._root = settings.templates_dir.resolve()
         self._process = {name: str(getattr(settings, name)) for name in PROCESS_VARIABLES}
-        self._html_env = _environment(self._root, autoescape=True)
-        self._text_env = _environment(self._root, autoescape=False)
+        self._html_env = environment(self._root, autoescape=True)
+        self._text_env = environment(self._root, autoescape=False)
         self._cache: dict[tuple[Path, str], _Version] = {}
 
     def render(self, campaign: Campaign, step_key: str, patient: Mapping[str, str]) -> Rendered:
@@ -139,7 +139,7 @@ class Renderer:
     ) -> Rendered:
         """The slow, obvious path the fast one must equal: render with real values, then inline."""
         step = campaign.step(step_key)
-        html_name, text_name = self._names(campaign, step.key)
+        html_name, text_name = template_names(campaign, step.key, self._root)
         context = self._context(step) | _patient_values(patient)
         html = self._render(self._html_env, html_name, context)
         return Rendered(
@@ -164,7 +164,7 @@ class Renderer:
         # Jinja's own reload check compares mtimes, which may not move within a coarse clock tick.
         _forget_compiled(self._html_env)
         _forget_compiled(self._text_env)
-        html_name, text_name = self._names(campaign, step.key)
+        html_name, text_name = template_names(campaign, step.key, self._root)
         files = _checked_files(self._html_env, html_name, self._root, html=True)
         files += _checked_files(self._text_env, text_name, self._root, html=False)
         context = self._context(step) | _TOKENS
@@ -176,16 +176,6 @@ class Renderer:
             text=_split(text, text_name, html=False),
             html=_split(html, html_name, html=True),
         )
-
-    def _names(self, campaign: Campaign, step_key: str) -> tuple[str, str]:
-        """Template names of a step, relative to the templates dir so the layouts resolve."""
-        try:
-            folder = campaign.path.resolve().relative_to(self._root).as_posix()
-        except ValueError:
-            raise TemplateError(
-                f"campaign folder {campaign.path} is not inside the templates dir {self._root}"
-            ) from None
-        return f"{folder}/{step_key}.html.j2", f"{folder}/{step_key}.txt.j2"
 
     def _context(self, step: Step) -> dict[str, str]:
         return self._process | {"subject": step.subject, "preheader": step.preheader}
@@ -202,7 +192,22 @@ class Renderer:
             raise TemplateError(f"{_where(e, name)}: {type(e).__name__}: {e}") from e
 
 
-def _environment(root: Path, *, autoescape: bool) -> jinja2.Environment:
+def template_names(campaign: Campaign, step_key: str, root: Path) -> tuple[str, str]:
+    """The HTML and text template names of a step, relative to the resolved templates dir `root`
+    so that the layouts they extend resolve too; the renderer and the linter both use these.
+    TemplateError if the campaign folder is not inside `root` (a symlink out of it, say)."""
+    try:
+        folder = campaign.path.resolve().relative_to(root).as_posix()
+    except ValueError:
+        raise TemplateError(
+            f"campaign folder {campaign.path} is not inside the templates dir {root}"
+        ) from None
+    return f"{folder}/{step_key}.html.j2", f"{folder}/{step_key}.txt.j2"
+
+
+def environment(root: Path, *, autoescape: bool) -> jinja2.Environment:
+    """The Jinja environment for templates under `root`: the renderer and the linter both use it,
+    so a template parses the same (same whitespace control) wherever it is read."""
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader([root]),
         autoescape=autoescape,

@@ -103,7 +103,15 @@ def _url(field: str, schemes: tuple[str, ...], example: str) -> Parser:
             parts.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError:
             raise ConfigError(f"{name} has a bad port; set it like {example}") from None
-        return {field: raw.rstrip("/") if field == "public_url" else raw}
+        if field == "public_url":
+            # It goes into every email's List-Unsubscribe header and links, which take ASCII only.
+            if not raw.isascii() or any(c.isspace() for c in raw):
+                raise ConfigError(
+                    f"{name} must be ASCII without spaces (an international domain in its xn-- "
+                    f"form, other characters %-encoded); set it like {example}"
+                )
+            return {field: raw.rstrip("/")}
+        return {field: raw}
 
     return parse
 

@@ -373,12 +373,7 @@ class SMTPTransport(_Closing):
         try:
             smtp.send(commands.encode("utf-8" if "SMTPUTF8" in options else "ascii"))
         except OSError as e:
-            if stale_is_possible:
-                raise _StaleConnection from e
-            self._drop()
-            raise TransientDeliveryError(
-                f"{self._where}: connection lost at MAIL: {_describe(e)}"
-            ) from e
+            raise self._lost("MAIL", e, stale_is_possible=stale_is_possible) from e
         try:
             before_content()
         except BaseException:
@@ -387,12 +382,7 @@ class SMTPTransport(_Closing):
         try:
             reply = smtp.getreply()
         except OSError as e:
-            if stale_is_possible:
-                raise _StaleConnection from e
-            self._drop()
-            raise TransientDeliveryError(
-                f"{self._where}: connection lost at MAIL: {_describe(e)}"
-            ) from e
+            raise self._lost("MAIL", e, stale_is_possible=stale_is_possible) from e
         if reply[0] == 421 and stale_is_possible:
             raise _StaleConnection
         refusal: tuple[str, int, bytes] | None = None
@@ -401,12 +391,10 @@ class SMTPTransport(_Closing):
                 try:
                     reply = smtp.getreply()
                 except OSError as e:
-                    self._drop()
                     if refusal is not None:
+                        self._drop()
                         break  # nothing went out: the refusal already seen is the error
-                    raise TransientDeliveryError(
-                        f"{self._where}: connection lost at {stage}: {_describe(e)}"
-                    ) from e
+                    raise self._lost(stage, e, stale_is_possible=False) from e
             code, text = reply
             accepted = code == expect if expect else 200 <= code < 300
             if refusal is None and not accepted:
@@ -451,12 +439,7 @@ class SMTPTransport(_Closing):
         try:
             code, text = smtp.mail(sender, options)
         except OSError as e:
-            if stale_is_possible:
-                raise _StaleConnection from e
-            self._drop()
-            raise TransientDeliveryError(
-                f"{self._where}: connection lost at MAIL: {_describe(e)}"
-            ) from e
+            raise self._lost("MAIL", e, stale_is_possible=stale_is_possible) from e
         if code == 421 and stale_is_possible:
             raise _StaleConnection
         self._check(smtp, "MAIL", code, text)
@@ -488,11 +471,21 @@ class SMTPTransport(_Closing):
         try:
             code, text = call()
         except OSError as e:
-            self._drop()
-            raise TransientDeliveryError(
-                f"{self._where}: connection lost at {stage}: {_describe(e)}"
-            ) from e
+            raise self._lost(stage, e, stale_is_possible=False) from e
         self._check(smtp, stage, code, text, expect=expect)
+
+    def _lost(self, stage: str, error: OSError, *, stale_is_possible: bool) -> Exception:
+        """What to raise when the connection fails at `stage`, before any content went out.
+
+        On a reused connection that may have idled out, _StaleConnection (the caller tries once on
+        a fresh one); otherwise the connection is dropped and the failure is transient: nothing of
+        the message was accepted, so a retry cannot send it twice."""
+        if stale_is_possible:
+            return _StaleConnection()
+        self._drop()
+        return TransientDeliveryError(
+            f"{self._where}: connection lost at {stage}: {_describe(error)}"
+        )
 
     def _body(
         self, smtp: smtplib.SMTP, payload: bytes, while_waiting: Callable[[], None] | None = None

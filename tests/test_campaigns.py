@@ -71,3 +71,35 @@ def test_a_broken_campaign_says_what_and_where(tmp_path: Path, body: str, messag
     with pytest.raises(CampaignError) as caught:
         load_campaign(write(tmp_path, body), "c")
     assert message in str(caught.value) and "campaign.toml" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("subject", '"""\nHello\nthere\n"""'),
+        ("subject", '"Hi\\r\\nBcc: all@example.com"'),
+        ("preheader", '"""\nWhat to bring\nand when\n"""'),
+    ],
+)
+def test_a_subject_or_preheader_on_more_than_one_line_is_refused_when_loaded(
+    tmp_path: Path, field: str, value: str
+) -> None:
+    """Refused here, once, rather than by the message builder for every email of the step."""
+    body = STEP if field == "preheader" else '[[steps]]\nkey = "a"\n'
+    body += f"{field} = {value}\n"
+    with pytest.raises(CampaignError) as caught:
+        load_campaign(write(tmp_path, body), "c")
+    message = str(caught.value)
+    assert "campaign.toml: step 'a'" in message and f"the {field}" in message
+    assert "more than one line" in message and f'{field} = "…"' in message
+
+
+def test_a_multi_line_string_that_is_one_line_once_trimmed_is_accepted(tmp_path: Path) -> None:
+    (step,) = load_campaign(write(tmp_path, STEP.replace('"Hi"', '"""\nHi\n"""')), "c").steps
+    assert step.subject == "Hi"
+
+
+def test_a_control_character_in_the_subject_is_refused_when_loaded(tmp_path: Path) -> None:
+    body = '[[steps]]\nkey = "a"\nsubject = "Hi\\u000bthere"\n'
+    with pytest.raises(CampaignError, match="control character"):
+        load_campaign(write(tmp_path, body), "c")

@@ -270,6 +270,32 @@ def test_a_broken_campaign_toml_is_a_finding_not_a_crash(
     assert isinstance(found["line"], int) and "not valid TOML" in found["message"]
 
 
+def test_a_subject_on_two_lines_is_a_campaign_finding_not_a_crash(
+    validate: Validate, templates: Path
+) -> None:
+    """campaign.toml's loader refuses it, so the linter reports it as it reports a broken step."""
+    toml = templates / CAMPAIGN / "campaign.toml"
+    edit(
+        toml, 'subject = "Welcome to your care team"', 'subject = """Welcome\nto your care team"""'
+    )
+    (found,) = findings(validate, templates)
+    assert found["code"] == "campaign" and found["file"] == f"emails/{CAMPAIGN}/campaign.toml"
+    assert "step 'welcome'" in found["message"] and "more than one line" in found["message"]
+
+
+def test_a_campaign_folder_outside_the_templates_dir_is_a_finding_not_a_crash(
+    validate: Validate, templates: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(templates / CAMPAIGN, outside)
+    (templates / "linked").symlink_to(outside, target_is_directory=True)
+    result = validate(templates)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    found = [f for f in findings(validate, templates) if "linked" in f["file"]]
+    assert [f["code"] for f in found] == ["campaign"]
+    assert "not inside the templates dir" in found[0]["message"]
+
+
 # --- output ------------------------------------------------------------------------------------
 
 

@@ -17,7 +17,14 @@ from typing import Any
 import pytest
 
 from drip.campaigns import load_campaign
-from drip.messages import _quoted_printable, _rewrap, _unsafe, build_message, make_message_id
+from drip.messages import (
+    _quoted_printable,
+    _rewrap,
+    _unsafe,
+    build_message,
+    envelope_from,
+    make_message_id,
+)
 from drip.rendering import Rendered, Renderer
 from drip.settings import PROJECT_ROOT, Settings
 
@@ -149,6 +156,21 @@ def test_message_ids_are_unique_and_use_the_from_domain() -> None:
     for message_id in ids:
         assert re.fullmatch(r"<[0-9a-f]+\.[0-9]+@clinic\.example>", message_id)
     assert make_message_id("Clinic <care@bücher.example>").endswith("@xn--bcher-kva.example>")
+
+
+def test_the_date_of_the_same_instant_in_another_zone_keeps_its_own_offset() -> None:
+    """Dates are cached, and equal instants in different zones are equal keys but not equal
+    headers."""
+    in_utc = DATE.astimezone(UTC)
+    assert in_utc == DATE
+    for date, zone in [(DATE, "-0500"), (in_utc, "+0000"), (DATE, "-0500")]:
+        header = str(parse(build(date=date))["Date"])
+        assert header.endswith(zone) and parsedate_to_datetime(header) == DATE
+
+
+def test_the_envelope_sender_is_the_from_address_without_its_display_name() -> None:
+    assert envelope_from(FROM) == "care@clinic.example"
+    assert envelope_from("care@clinic.example") == "care@clinic.example"
 
 
 @pytest.mark.parametrize(

@@ -72,6 +72,8 @@ def test_every_variable_is_read() -> None:
         ("DRIP_MAIL_URL", "sendmail", "smtp/smtps/file"),
         ("DRIP_MAIL_URL", "smtp://mail.example?tls=sometimes", "tls"),
         ("DRIP_PUBLIC_URL", "drip.example", "http/https"),
+        ("DRIP_PUBLIC_URL", "https://drip.example/un subscribe", "without spaces"),
+        ("DRIP_PUBLIC_URL", "https://klinik-bücher.example", "xn--"),
         ("DRIP_FROM", "care@clinic.example", "display name"),
         ("DRIP_SEND_WINDOW", "9-5", "09:00-19:00"),
         ("DRIP_SEND_WINDOW", "19:00-09:00", "end after it starts"),

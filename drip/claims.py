@@ -9,8 +9,9 @@ Only rows of active enrolments are claimed: a paused enrolment's rows simply wai
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, select, text, update
+from sqlalchemy import ColumnElement, Connection, String, select, text, update
 from sqlalchemy.orm import Session
 
 from drip.db import rowcount
@@ -51,11 +52,11 @@ def claim_due(session: Session, *, now: datetime, limit: int, lease: timedelta) 
         # 4 ms compiling (130 ms the first time in a session) to run for under one.
         session.execute(text("SET LOCAL jit = off"))
     claimed: list[int] = []
+    enrolment_status = select(E.status).where(E.id == D.enrolment_id).scalar_subquery()
     for state in (RETRY, SCHEDULED):
         wanted = limit - len(claimed)
         if wanted <= 0:
             break
-        enrolment_status = select(E.status).where(E.id == D.enrolment_id).scalar_subquery()
         candidates = (
             select(D.id)
             .where(D.state == state, D.due_at <= now, enrolment_status == ACTIVE)
@@ -94,11 +95,38 @@ def unindexed(column: ColumnElement[str]) -> ColumnElement[str]:
 
 def release(session: Session, ids: list[int], *, now: datetime) -> int:
     """Give claimed rows back at once (e.g. the broker refused them), instead of at lease expiry."""
+    return leave(session, ids, CLAIMED, now=now, state=SCHEDULED)
+
+
+# last_error is a String(500): PostgreSQL refuses a longer value (and with it the whole
+# transaction), where SQLite would store it whole. A reason quoting an exception can be any length.
+ERROR_LENGTH: int = cast(String, D.last_error.type).length or 500
+
+
+def leave(
+    connection: Connection | Session,
+    ids: list[int],
+    from_state: str,
+    *,
+    now: datetime,
+    state: str,
+    error: str | None = None,
+    due_at: datetime | None = None,
+) -> int:
+    """Move the rows among `ids` still in `from_state` to `state`, giving up their lease; return
+    how many moved. Every row given back, deferred, skipped, failed or retried by id goes through
+    here, so that each such change checks the state the same way (by primary key, see unindexed)
+    and cuts `error` to what the column holds. `error` and `due_at` are left alone when None."""
+    values: dict[str, Any] = {"state": state, "lease_until": None, "updated_at": now}
+    if error is not None:
+        values["last_error"] = error[:ERROR_LENGTH]
+    if due_at is not None:
+        values["due_at"] = due_at
     return rowcount(
-        session.execute(
-            update(Delivery)
-            .where(Delivery.id.in_(ids), unindexed(D.state) == CLAIMED)
-            .values(state=SCHEDULED, lease_until=None, updated_at=now)
+        connection.execute(
+            update(DELIVERIES)
+            .where(D.id.in_(ids), unindexed(D.state) == from_state)
+            .values(**values)
         )
     )
 

@@ -32,7 +32,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from email.utils import parseaddr
 from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, select, update
@@ -40,16 +39,11 @@ from sqlalchemy.orm import Session
 
 from drip import events
 from drip.campaigns import Campaign, load_campaign
-from drip.claims import unindexed
+from drip.claims import leave, unindexed
 from drip.clock import Clock
 from drip.db import begin_immediate
-from drip.errors import (
-    DripError,
-    PermanentDeliveryError,
-    TransientDeliveryError,
-    UnknownOutcomeError,
-)
-from drip.messages import Recipient, compose
+from drip.errors import DeliveryError, DripError, PermanentDeliveryError, TransientDeliveryError
+from drip.messages import Recipient, compose, envelope_from
 from drip.models import (
     CLAIMED,
     DELIVERIES,
@@ -194,8 +188,8 @@ class Sender:
 
     def __post_init__(self) -> None:
         self.renderer = self.renderer or Renderer(self.settings)
-        self.envelope_from = parseaddr(self.settings.from_address)[1]
-        self.lease = timedelta(seconds=self.settings.lease_seconds)
+        self.envelope_from = envelope_from(self.settings.from_address)
+        self.lease = self.settings.lease
 
     def send_batch(self, ids: list[int]) -> BatchReport:
         report = BatchReport()
@@ -221,7 +215,7 @@ class Sender:
             if hold is None:
                 ready.append(row)
             else:
-                _Settle(connection, row.id, now, report)(*hold)
+                _settle(connection, row.id, now, report, *hold)
         report.not_ours += len(set(ids)) - seen
         return ready
 
@@ -239,14 +233,6 @@ class Sender:
         if not self.settings.send_window.contains(now, local):
             return SCHEDULED, None, self.settings.send_window.next_open(now, local)
         return None
-
-    def _campaign(self, slug: str, cache: dict[str, Campaign | DripError]) -> Campaign | DripError:
-        if slug not in cache:
-            try:
-                cache[slug] = load_campaign(self.settings.templates_dir, slug)
-            except DripError as e:
-                cache[slug] = e
-        return cache[slug]
 
     def _build(self, job: Job, campaign: Campaign, row: Loaded, now: datetime) -> None:
         assert self.renderer is not None
@@ -318,9 +304,12 @@ class Sender:
     ) -> bool:
         """Record the messages just sent and mark `job` sending, in one commit: the same two
         conditional UPDATEs as _record and _mark_sending, without SQLAlchemy in between."""
+        # At most one: each send is preceded by a commit that records (and clears) the outcomes
+        # so far, and this path is taken only while all of them are `sent`, one per send.
+        assert len(outcomes) <= 1
+        previous = (outcomes[0].job.id, outcomes[0].job.message_id) if outcomes else None
         now = self.clock.now()
-        sent = [(outcome.job.id, outcome.job.message_id) for outcome in outcomes]
-        recorded, marked = fast.commit(sent, job.id, now, now + self.lease)
+        recorded, marked = fast.commit(previous, job.id, now, now + self.lease)
         report.sent += recorded
         outcomes.clear()
         job.attempts += 1
@@ -348,17 +337,21 @@ class Sender:
                 before_content=mark,
                 while_waiting=while_waiting,
             )
-        except TransientDeliveryError as e:
-            mark()
-            return self._transient(job, str(e))
-        except PermanentDeliveryError as e:
-            mark()
-            return Outcome(job, FAILED, str(e), suppress=e.enhanced if e.bad_mailbox else None)
-        except UnknownOutcomeError as e:
-            mark()
-            return Outcome(job, UNKNOWN, str(e))
+        except DeliveryError as e:
+            mark()  # first: _failure reads the attempts that marking counts
+            return self._failure(job, e)
         mark()  # a no-op: the transport called it (a transport that did not is not trusted)
         return Outcome(job, SENT)
+
+    def _failure(self, job: Job, error: DeliveryError) -> Outcome:
+        """The outcome of a failed send. A failure that is neither transient nor permanent is
+        `unknown`: the message may have arrived, so it is never resent automatically."""
+        if isinstance(error, TransientDeliveryError):
+            return self._transient(job, str(error))
+        if isinstance(error, PermanentDeliveryError):
+            suppress = error.enhanced if error.bad_mailbox else None
+            return Outcome(job, FAILED, str(error), suppress=suppress)
+        return Outcome(job, UNKNOWN, str(error))
 
     def _transient(self, job: Job, error: str) -> Outcome:
         if job.attempts >= MAX_ATTEMPTS:
@@ -379,7 +372,15 @@ class Sender:
                     {"b_id": outcome.job.id, "b_now": now, "b_message_id": outcome.job.message_id},
                 ).rowcount
             else:
-                changed = self._record_other(connection, outcome, now)
+                changed = leave(
+                    connection,
+                    [outcome.job.id],
+                    SENDING,
+                    now=now,
+                    state=outcome.state,
+                    error=outcome.error or "",
+                    due_at=outcome.due_at,
+                )
             if changed:
                 setattr(report, outcome.state, getattr(report, outcome.state) + 1)
                 if outcome.state == SENT:
@@ -387,19 +388,6 @@ class Sender:
                 else:
                     self._log(connection, outcome, now)
         outcomes.clear()
-
-    def _record_other(self, connection: Connection, outcome: Outcome, now: datetime) -> int:
-        values: dict[str, Any] = {
-            "state": outcome.state,
-            "lease_until": None,
-            "updated_at": now,
-            "last_error": (outcome.error or "")[:500],
-        }
-        if outcome.due_at is not None:
-            values["due_at"] = outcome.due_at
-        return connection.execute(
-            update(DELIVERIES).where(D.id == outcome.job.id, _STATE == SENDING).values(**values)
-        ).rowcount
 
     def _log(self, connection: Connection, outcome: Outcome, now: datetime) -> None:
         """A failed, retried or unknown send: a warning, an event, and a suppression if the
@@ -437,19 +425,15 @@ class Sender:
         if not ids:
             return
         now = self.clock.now()
-        due = now + backoff(1, self.rng) + BACKOFF_BASE
-        changed = connection.execute(
-            update(DELIVERIES)
-            .where(D.id.in_(ids), _STATE == CLAIMED)
-            .values(
-                state=RETRY,
-                due_at=due,
-                lease_until=None,
-                updated_at=now,
-                last_error="not attempted: the mail server was failing",
-            )
+        report.retry += leave(
+            connection,
+            ids,
+            CLAIMED,
+            now=now,
+            state=RETRY,
+            error="not attempted: the mail server was failing",
+            due_at=now + backoff(1, self.rng) + BACKOFF_BASE,
         )
-        report.retry += changed.rowcount
 
 
 class _Builder:
@@ -488,22 +472,33 @@ class _Builder:
 
     def settle_broken(self, connection: Connection, report: BatchReport) -> None:
         for delivery_id, reason in self.broken:
-            _Settle(connection, delivery_id, self.now, report)(FAILED, reason)
+            _settle(connection, delivery_id, self.now, report, FAILED, reason)
         self.broken.clear()
 
     def _build_one(self) -> None:
         while self.rows and not self.built:
             row = self.rows.popleft()
             job = Job(row.id, row.attempts, row.patient_id, row.email)
+            campaign = self._campaign(row.campaign)
+            if isinstance(campaign, DripError):
+                self.broken.append((row.id, f"render: {campaign}"))
+                continue
             try:
-                campaign = self.sender._campaign(row.campaign, self.campaigns)
-                if isinstance(campaign, DripError):
-                    raise campaign
                 self.sender._build(job, campaign, row, self.now)
             except DripError as e:
                 self.broken.append((row.id, f"render: {e}"))
                 continue
             self.built.append(job)
+
+    def _campaign(self, slug: str) -> Campaign | DripError:
+        """The batch's campaigns, each loaded once; a broken one is kept as its error, which
+        fails each of its rows."""
+        if slug not in self.campaigns:
+            try:
+                self.campaigns[slug] = load_campaign(self.sender.settings.templates_dir, slug)
+            except DripError as e:
+                self.campaigns[slug] = e
+        return self.campaigns[slug]
 
 
 class _NotOurs(Exception):
@@ -544,7 +539,8 @@ class _EmailCommit:
 
     def __init__(self, connection: Connection) -> None:
         dialect = connection.dialect
-        self.raw: Any = connection.connection.driver_connection
+        raw: Any = connection.connection.driver_connection
+        self.raw, self.cursor = raw, raw.cursor()
         self.sqlite = dialect.name == "sqlite"
         style = ":{}" if self.sqlite else "%({})s"  # sqlite3 named / psycopg pyformat
         table = DELIVERIES.name
@@ -572,40 +568,36 @@ class _EmailCommit:
         )
         process = D.updated_at.type.dialect_impl(dialect).bind_processor(dialect)
         self.instant: Callable[[datetime], Any] = process or (lambda value: value)
-        self.cursor: Any = None
 
     def commit(
-        self, sent: list[tuple[int, str]], mark: int, now: datetime, lease_until: datetime
+        self, previous: tuple[int, str] | None, mark: int, now: datetime, lease_until: datetime
     ) -> tuple[int, bool]:
-        """(rows recorded `sent`, whether `mark` is now ours in `sending`)."""
-        if self.cursor is None:
-            self.cursor = self.raw.cursor()
+        """Record `previous` (id, Message-ID), the message sent since the last commit if any, and
+        mark row `mark` sending: (rows recorded `sent`, whether `mark` is now ours)."""
         at, until = self.instant(now), self.instant(lease_until)
         if self.sqlite:
-            recorded, marked = self._sqlite(sent, mark, at, until)
+            recorded, marked = self._sqlite(previous, mark, at, until)
         else:
-            recorded, marked = self._postgresql(sent, mark, at, until)
-        for delivery_id, _ in sent:
-            log.debug("delivery %d sent", delivery_id)
+            recorded, marked = self._postgresql(previous, mark, at, until)
+        if previous is not None:
+            log.debug("delivery %d sent", previous[0])
         return recorded, marked
 
     def close(self) -> None:
-        if self.cursor is not None:
-            self.cursor.close()
-            self.cursor = None
+        self.cursor.close()
 
     def _sqlite(
-        self, sent: list[tuple[int, str]], mark: int, at: Any, until: Any
+        self, previous: tuple[int, str] | None, mark: int, at: Any, until: Any
     ) -> tuple[int, bool]:
-        cursor = self.cursor
+        cursor, recorded = self.cursor, 0
         try:
             begin_immediate(self.raw)  # the write lock, waited for in short steps
-            recorded = 0
-            for delivery_id, message_id in sent:
+            if previous is not None:
+                delivery_id, message_id = previous
                 cursor.execute(
                     self.sent_sql, {"id": delivery_id, "now": at, "message_id": message_id}
                 )
-                recorded += cursor.rowcount
+                recorded = cursor.rowcount
             cursor.execute(self.mark_sql, {"id": mark, "now": at, "lease_until": until})
             marked = cursor.rowcount == 1
             self.raw.commit()
@@ -615,50 +607,39 @@ class _EmailCommit:
         return recorded, marked
 
     def _postgresql(
-        self, sent: list[tuple[int, str]], mark: int, at: Any, until: Any
+        self, previous: tuple[int, str] | None, mark: int, at: Any, until: Any
     ) -> tuple[int, bool]:
-        cursor, recorded = self.cursor, 0
-        pending: list[tuple[int | None, str | None]] = [*sent] or [(None, None)]
-        *earlier, (last_id, last_message_id) = pending
-        self.raw.autocommit = True  # each statement below is a transaction of its own
+        sent_id, message_id = previous or (None, None)  # no id: the first CTE changes nothing
+        params = {"sent_id": sent_id, "message_id": message_id, "mark_id": mark}
+        self.raw.autocommit = True  # the statement is a transaction of its own
         try:
-            for delivery_id, message_id in earlier:  # not the usual case: one message per commit
-                cursor.execute(
-                    self.sent_sql, {"id": delivery_id, "now": at, "message_id": message_id}
-                )
-                recorded += cursor.rowcount
-            params = {"sent_id": last_id, "message_id": last_message_id, "mark_id": mark}
-            cursor.execute(self.both_sql, {**params, "now": at, "lease_until": until}, prepare=True)
-            last, marked = cursor.fetchone()
+            self.cursor.execute(
+                self.both_sql, {**params, "now": at, "lease_until": until}, prepare=True
+            )
+            recorded, marked = self.cursor.fetchone()
         finally:
             self.raw.autocommit = False
-        return recorded + last, marked == 1
+        return recorded, marked == 1
 
 
-class _Settle:
-    """Settles one claimed row that will not be sent now, with a conditional UPDATE."""
-
-    def __init__(
-        self, connection: Connection, delivery_id: int, now: datetime, report: BatchReport
-    ) -> None:
-        self.connection, self.delivery_id = connection, delivery_id
-        self.now, self.report = now, report
-
-    def __call__(self, state: str, reason: str | None, due_at: datetime | None = None) -> None:
-        values: dict[str, Any] = {"state": state, "lease_until": None, "updated_at": self.now}
-        if state == SCHEDULED:
-            values["due_at"] = due_at
-        else:
-            values["last_error"] = reason
-        changed = self.connection.execute(
-            update(DELIVERIES).where(D.id == self.delivery_id, _STATE == CLAIMED).values(**values)
-        )
-        if not changed.rowcount:
-            self.report.not_ours += 1
-        elif state == SCHEDULED:
-            self.report.deferred += 1
-        elif state == SKIPPED:
-            self.report.skipped += 1
-        else:
-            self.report.failed += 1
-            log.warning("delivery %d failed before sending: %s", self.delivery_id, reason)
+def _settle(
+    connection: Connection,
+    delivery_id: int,
+    now: datetime,
+    report: BatchReport,
+    state: str,
+    reason: str | None,
+    due_at: datetime | None = None,
+) -> None:
+    """Settle one claimed row that will not be sent now (see Sender._hold), and count it."""
+    if not leave(
+        connection, [delivery_id], CLAIMED, now=now, state=state, error=reason, due_at=due_at
+    ):
+        report.not_ours += 1
+    elif state == SCHEDULED:
+        report.deferred += 1
+    elif state == SKIPPED:
+        report.skipped += 1
+    else:
+        report.failed += 1
+        log.warning("delivery %d failed before sending: %s", delivery_id, reason)

@@ -10,7 +10,7 @@ import os
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from email.headerregistry import Address
 from email.utils import parseaddr
 from pathlib import Path
@@ -62,18 +62,23 @@ class Settings:
                 values.update(parse(name, raw))
         settings = replace(cls(), **values)
         if not settings.secret_key:
-            settings = replace(settings, secret_key=_stored_secret(settings.var_dir))
+            settings = replace(settings, secret_key=stored_secret(settings.var_dir))
         return settings
 
     def clock(self) -> Clock:
         return Clock(self.now, self.now_file)
 
     @property
+    def lease(self) -> timedelta:
+        """How long a claim (and a row in `sending`) is held before the ticker takes it back."""
+        return timedelta(seconds=self.lease_seconds)
+
+    @property
     def uses_embedded_broker(self) -> bool:
         return self.broker_url is None
 
 
-def _stored_secret(var_dir: Path) -> str:
+def stored_secret(var_dir: Path) -> str:
     """The key generated once into var/ when DRIP_SECRET_KEY is not set."""
     path = var_dir / "secret_key"
     if path.exists():

@@ -64,13 +64,14 @@ class Supervisor:
             for child in self.children:
                 assert child.process is not None
                 if child.process.poll() is not None and not self.stopping:
+                    child.restarts += 1
                     log.warning(
-                        "drip %s exited with %s; restarting",
+                        "drip %s exited with %s; restarting (restart %d)",
                         child.args[0],
                         child.process.returncode,
+                        child.restarts,
                     )
                     time.sleep(RESTART_DELAY)
-                    child.restarts += 1
                     child.start(env)
 
     def _terminate(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, cast
@@ -21,7 +22,7 @@ from kombu.entity import Queue
 from sqlalchemy import Engine
 
 from drip import db
-from drip.broker import EmbeddedRedis, redis_client
+from drip.broker import broker, redis_client
 from drip.sending import Sender
 from drip.settings import Settings
 from drip.ticker import Ticker
@@ -77,11 +78,9 @@ def configure_from_env() -> Celery:
     """For `celery -A worker …`: settings from the environment; with no DRIP_BROKER_URL, the
     private Redis under var/ (started if need be, and stopped when this process exits)."""
     settings = Settings.from_env()
-    broker_url = settings.broker_url
-    if broker_url is None:
-        embedded = EmbeddedRedis(settings.var_dir)
-        broker_url = embedded.start()
-        atexit.register(embedded.stop)
+    stack = ExitStack()
+    broker_url = stack.enter_context(broker(settings.broker_url, settings.var_dir))
+    atexit.register(stack.close)
     return configure(settings, broker_url)
 
 

@@ -68,9 +68,8 @@ class Ticker:
         """Take expired leases back, at most every EXPIRE_EVERY (a tenth of a lease, if that is
         less) of the calendar: a lease lasts minutes, and ticks come several times a second."""
         now = self.clock.now()
-        lease = timedelta(seconds=self.settings.lease_seconds)
         last = self._expired_at
-        if last is not None and last <= now < last + min(EXPIRE_EVERY, lease / 10):
+        if last is not None and last <= now < last + min(EXPIRE_EVERY, self.settings.lease / 10):
             return
         with transaction(self.engine) as session:
             report.released, report.unknown = expire_leases(session, now=now)
@@ -78,21 +77,18 @@ class Ticker:
 
     def _claim(self, batches: int, report: TickReport) -> None:
         """Claim up to `batches` batches in one transaction, then enqueue them one by one."""
-        size = self.settings.batch_size
-        lease = timedelta(seconds=self.settings.lease_seconds)
+        size, lease = self.settings.batch_size, self.settings.lease
         with transaction(self.engine) as session:
             ids = claim_due(session, now=self.clock.now(), limit=batches * size, lease=lease)
         for start in range(0, len(ids), size):
-            self._hand_over(ids[start : start + size], ids[start:])
-            report.claimed += len(ids[start : start + size])
+            batch = ids[start : start + size]
+            try:
+                self.enqueue(batch)
+            except Exception:
+                # The broker refused: give this batch and the ones after it back now, rather than
+                # at lease expiry.
+                with transaction(self.engine) as session:
+                    release(session, ids[start:], now=self.clock.now())
+                raise
+            report.claimed += len(batch)
             report.batches += 1
-
-    def _hand_over(self, batch: list[int], unqueued: list[int]) -> None:
-        try:
-            self.enqueue(batch)
-        except Exception:
-            # The broker refused: give this batch and the ones after it back now, rather than at
-            # lease expiry.
-            with transaction(self.engine) as session:
-                release(session, unqueued, now=self.clock.now())
-            raise

@@ -21,7 +21,7 @@ from click.testing import Result
 from sqlalchemy import Engine, select, update
 
 from drip import db
-from drip.claims import claim_due
+from drip.claims import claim_due, leave
 from drip.clock import Clock
 from drip.errors import TransientDeliveryError
 from drip.models import Delivery, Enrolment, Event, Patient
@@ -289,6 +289,21 @@ def test_ids_that_are_no_longer_claimed_are_left_alone(
     report = sender(engine, settings, transport).send_batch([*ids, 999_999])
     assert report.not_ours == 2 and transport.messages == []
     assert rows(engine)[ids[0]].state == "cancelled"
+
+
+def test_a_reason_longer_than_the_column_is_stored_cut_not_refused(
+    enrolled: Callable[..., None], engine: Engine
+) -> None:
+    """A broken campaign's error can be any length; PostgreSQL would refuse it whole (and with it
+    the batch's last commit), so every reason is cut to the 500 characters last_error holds."""
+    enrolled()
+    ids = claim(engine)
+    reason = "render: " + "x" * 600
+    with engine.begin() as c:
+        assert leave(c, ids, "claimed", now=NOW, state="failed", error=reason) == 1
+    delivery = rows(engine)[ids[0]]
+    assert delivery.state == "failed" and delivery.lease_until is None
+    assert delivery.last_error == reason[:500]
 
 
 class _TakenMeanwhile(MemoryTransport):

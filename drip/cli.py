@@ -212,7 +212,7 @@ def _enroll_csv(app: App, path: Path, campaign: str, skip_invalid: bool, as_json
         raise InputError("--csv", f"{path} does not exist or is not a file")
     planner = app.planner(campaign)
     report = csvimport.CsvReport()
-    total = csvimport.count_lines(path) if str(path) != "-" else None
+    total = (lambda: csvimport.count_lines(path)) if str(path) != "-" else None
     with _open_csv(path) as stream, _progress(total) as advance, app.transaction() as session:
         rows = csvimport.patients_from_csv(
             stream,
@@ -249,15 +249,16 @@ def _open_csv(path: Path) -> IO[str]:
 
 
 @contextmanager
-def _progress(total: int | None) -> Iterator[Callable[[int], None]]:
-    """A progress bar on a terminal; nothing when output is piped."""
+def _progress(total: Callable[[], int] | None) -> Iterator[Callable[[int], None]]:
+    """A progress bar on a terminal; nothing when output is piped. `total` is called only when
+    the bar is shown: counting the rows reads the whole file once more before the import."""
     if not sys.stderr.isatty():
         yield lambda _n: None
         return
     from rich.progress import Progress
 
     with Progress(console=console(stderr=True), transient=True) as bar:
-        task = bar.add_task("enrolling", total=total)
+        task = bar.add_task("enrolling", total=total() if total else None)
         yield lambda n: bar.advance(task, n)
 
 

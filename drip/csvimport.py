@@ -27,7 +27,6 @@ class CsvReport:
     """What reading a CSV found: how many rows, and every problem with its line."""
 
     rows: int = 0
-    valid: int = 0
     problems: list[RowProblem] = field(default_factory=list)
     bad_rows: int = 0
 
@@ -67,7 +66,6 @@ def patients_from_csv(
         if first_line != line:
             report.refuse(line, [InputError("email", f"same address as line {first_line}")])
             continue
-        report.valid += 1
         if skip_invalid or not report.problems:
             yield result
 

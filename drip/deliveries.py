@@ -12,7 +12,17 @@ from drip import events
 from drip.claims import unindexed
 from drip.clock import iso
 from drip.errors import DripError, NotFound
-from drip.models import ACTIVE, FAILED, RETRY, SCHEDULED, UNKNOWN, Delivery, Enrolment, Patient
+from drip.models import (
+    ACTIVE,
+    DELIVERIES,
+    FAILED,
+    RETRY,
+    SCHEDULED,
+    UNKNOWN,
+    Delivery,
+    Enrolment,
+    Patient,
+)
 
 RETRYABLE = (FAILED, UNKNOWN, RETRY)
 
@@ -66,7 +76,7 @@ def retry(session: Session, ids: list[int], *, now: datetime, actor: str) -> int
     for delivery_id in ids:
         session.execute(
             update(Delivery)
-            .where(Delivery.id == delivery_id, unindexed(Delivery.__table__.c.state).in_(RETRYABLE))
+            .where(Delivery.id == delivery_id, unindexed(DELIVERIES.c.state).in_(RETRYABLE))
             .values(state=SCHEDULED, due_at=now, lease_until=None, updated_at=now)
         )
         events.record(

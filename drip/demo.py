@@ -8,7 +8,6 @@ as .eml files, each with an .html copy to open in a browser.
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -35,15 +34,20 @@ from drip.errors import DripError
 from drip.models import (
     ACTIVE,
     CLAIMED,
+    FAILED,
     IN_FLIGHT_STATES,
+    RETRY,
+    SCHEDULED,
     SENDING,
+    SENT,
+    SKIPPED,
     WAITING_STATES,
     Delivery,
     Enrolment,
     Patient,
 )
 from drip.patients import check_patient, zone
-from drip.settings import Settings
+from drip.settings import Settings, stored_secret
 
 CAMPAIGN = "ketamine-onboarding"
 STEP_TIMEOUT = 60.0
@@ -57,6 +61,8 @@ KEPT_FROM_ENV = (
     "DRIP_CLINIC_PHONE",
     "DRIP_CLINIC_TIMEZONE",
 )
+SHOWN_STATES = (SCHEDULED, CLAIMED, SENDING, SENT, SKIPPED, RETRY, FAILED)  # the view's columns
+OWED_STATES = (*WAITING_STATES, *IN_FLIGHT_STATES)  # the worker still owes these an outcome
 SAMPLES = [  # first name, last name, zone, first session: days after the start, local time
     ("Ana", "López", "America/New_York", 3, "14:00"),
     ("Zoë", "O'Brien", "Europe/London", 5, "10:30"),
@@ -114,9 +120,6 @@ class Demo:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _env(self) -> dict[str, str]:
-        secret = self.root / "secret_key"
-        if not secret.exists():
-            secret.write_text(secrets.token_urlsafe(32))
         inherited = {
             k: v for k, v in os.environ.items() if not k.startswith("DRIP_") or k in KEPT_FROM_ENV
         }
@@ -124,7 +127,7 @@ class Demo:
             "DRIP_DATABASE_URL": f"sqlite:///{self.root.resolve()}/drip.db",
             "DRIP_MAIL_URL": f"file://{self.outbox.resolve()}",
             "DRIP_NOW_FILE": str(self.now_file.resolve()),
-            "DRIP_SECRET_KEY": secret.read_text().strip(),
+            "DRIP_SECRET_KEY": stored_secret(self.root),  # root is the demo's var_dir
             "DRIP_TICK_SECONDS": "0.5",
         }
 
@@ -234,14 +237,9 @@ class Demo:
                 ).all()
             )
         view = Table(title=f"clinic time {now:%a %d %b %H:%M %Z}", box=None)
-        for state in ("scheduled", "claimed", "sending", "sent", "skipped", "retry", "failed"):
+        for state in SHOWN_STATES:
             view.add_column(state, justify="right")
-        view.add_row(
-            *(
-                str(counts.get(s, 0))
-                for s in ("scheduled", "claimed", "sending", "sent", "skipped", "retry", "failed")
-            )
-        )
+        view.add_row(*(str(counts.get(s, 0)) for s in SHOWN_STATES))
         return view
 
     # --- the end ------------------------------------------------------------------------------
@@ -288,7 +286,7 @@ def _next_due(engine: Engine) -> datetime | None:
             select(func.min(Delivery.due_at))
             .join(Enrolment, Enrolment.id == Delivery.enrolment_id)
             .where(
-                Delivery.state.in_((*WAITING_STATES, *IN_FLIGHT_STATES)),
+                Delivery.state.in_(OWED_STATES),
                 Delivery.due_at.is_not(None),
                 Enrolment.status == ACTIVE,
             )
@@ -303,7 +301,7 @@ def _owed(engine: Engine, now: datetime) -> int:
                 .select_from(Delivery)
                 .join(Enrolment, Enrolment.id == Delivery.enrolment_id)
                 .where(
-                    Delivery.state.in_((*WAITING_STATES, CLAIMED, SENDING)),
+                    Delivery.state.in_(OWED_STATES),
                     Delivery.due_at <= now,
                     Enrolment.status == ACTIVE,
                 )

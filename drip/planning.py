@@ -10,13 +10,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
+
+from drip.models import SCHEDULED, SKIPPED
 
 if TYPE_CHECKING:
     from drip.campaigns import Step
 
 _DURATION = re.compile(r"^(?P<sign>[+-])?(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?$")
 _HHMM = re.compile(r"^(\d{1,2}):(\d{2})$")
+STALE = "stale"  # the reason written on a step skipped for being too late (its late policy)
 
 
 def parse_duration(text: str) -> timedelta:
@@ -70,15 +73,19 @@ class SendWindow:
     def always(self) -> bool:
         return self.start == 0 and self.end == 1440
 
+    @property
+    def opens(self) -> time:
+        """The local time of day the window opens."""
+        return time(self.start // 60, self.start % 60)
+
     def __str__(self) -> str:
-        return (
-            f"{self.start // 60:02d}:{self.start % 60:02d}-{self.end // 60:02d}:{self.end % 60:02d}"
-        )
+        return f"{_hhmm(self.start)}-{_hhmm(self.end)}"
 
     def contains(self, instant: datetime, zone: tzinfo) -> bool:
+        if self.always:
+            return True
         local = instant.astimezone(zone)
-        minute = local.hour * 60 + local.minute
-        return self.always or self.start <= minute < self.end
+        return self.start <= local.hour * 60 + local.minute < self.end
 
     def next_open(self, instant: datetime, zone: tzinfo) -> datetime:
         """`instant` if the window is open then, else the next moment it opens."""
@@ -88,7 +95,7 @@ class SendWindow:
         day = local.date()
         if local.hour * 60 + local.minute >= self.end:
             day += timedelta(days=1)
-        return local_to_utc(day, time(self.start // 60, self.start % 60), zone)
+        return local_to_utc(day, self.opens, zone)
 
 
 def _hhmm(minutes: int) -> str:
@@ -114,12 +121,12 @@ class FirstSession:
 class Plan:
     """When one step is due (UTC), or why it is not: waiting for a date, or stale."""
 
-    state: Literal["scheduled", "skipped"]
+    state: str  # SCHEDULED or SKIPPED
     due_at: datetime | None
-    reason: str | None = None  # "stale" for skipped steps
+    reason: str | None = None  # STALE for skipped steps
 
 
-WAITING = Plan("scheduled", None, None)
+WAITING = Plan(SCHEDULED, None, None)
 
 
 def plan_step(
@@ -137,8 +144,8 @@ def plan_step(
         return WAITING
     due = window.next_open(max(nominal, now), zone)
     if step.late == "skip" and step.skip_after is not None and due - nominal > step.skip_after:
-        return Plan("skipped", nominal, "stale")
-    return Plan("scheduled", due)
+        return Plan(SKIPPED, nominal, STALE)
+    return Plan(SCHEDULED, due)
 
 
 def _nominal(
@@ -154,7 +161,7 @@ def _nominal(
     elif first_session is None:
         return None
     else:
-        at = first_session.at or time(window.start // 60, window.start % 60)
+        at = first_session.at or window.opens
         anchor = local_to_utc(first_session.on, at, zone).astimezone(zone)
     if step.send_at is None:
         return anchor.astimezone(UTC) + step.offset

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from drip.campaigns import Campaign
 from drip.clock import iso
-from drip.models import Delivery, Enrolment, Patient
+from drip.models import SCHEDULED, Delivery, Enrolment, Patient
 from drip.patients import zone
 
 
@@ -80,6 +80,6 @@ def timeline(session: Session, patient: Patient, campaigns: dict[str, Campaign])
 
 
 def _note(d: Delivery) -> str | None:
-    if d.due_at is None and d.state == "scheduled":
+    if d.due_at is None and d.state == SCHEDULED:
         return "waiting for the first session date (drip reschedule)"
     return d.last_error

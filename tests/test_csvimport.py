@@ -56,6 +56,30 @@ def test_a_good_csv_enrols_everyone_and_sums_up(drip: Drip, engine: Engine, tmp_
     }
 
 
+def test_a_csv_renews_the_names_and_zones_of_returning_patients_only(
+    drip: Drip, engine: Engine, tmp_path: Path
+) -> None:
+    assert enroll_csv(drip, csv_file(tmp_path, GOOD)).exit_code == 0
+    for email in ("ana@example.com", "ben@example.com"):
+        assert drip("unenroll", email).exit_code == 0
+    renamed = (
+        "ana@example.com,Ana María,López,Europe/Madrid,\n"
+        "ben@example.com,Benjamin,Okafor,America/Chicago,\n"
+        "chloe@example.com,Chloe,Smith,Asia/Tokyo,\n"
+    )
+    result = enroll_csv(drip, csv_file(tmp_path, renamed), "--json")
+    assert json.loads(result.stdout)["enrolled"] == 2, result.output
+    with engine.connect() as c:
+        rows = c.execute(
+            select(Patient.email, Patient.first_name, Patient.last_name, Patient.timezone)
+        ).all()
+    assert sorted(rows) == [  # one UPDATE for both returning patients; Chloé is still enrolled
+        ("ana@example.com", "Ana María", "López", "Europe/Madrid"),
+        ("ben@example.com", "Benjamin", "Okafor", "America/Chicago"),
+        ("chloe@example.com", "Chloé", "O'Neil", "America/New_York"),
+    ]
+
+
 def test_a_blank_timezone_is_the_clinics(drip: Drip, engine: Engine, tmp_path: Path) -> None:
     assert enroll_csv(drip, csv_file(tmp_path, GOOD)).exit_code == 0
     with engine.connect() as c:

@@ -67,7 +67,9 @@ class App:
         return load_campaign(self.settings.templates_dir, slug)
 
     def planner(self, slug: str, now: datetime | None = None) -> enrolment.Planner:
-        return enrolment.Planner(self.campaign(slug), self.settings.send_window, now or self.now())
+        return enrolment.Planner(
+            self.campaign(slug), self.settings.send_window, now or self.now(), self.settings.min_gap
+        )
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -317,10 +319,11 @@ campaign_option = click.option("--campaign", help="Which enrolment, if the patie
 def pause(app: App, email: str, campaign: str | None) -> None:
     """Hold every unsent email of a patient until `drip resume`."""
     now = app.now()
-    changed = _change(
+    change = _change(
         app, email, campaign, lambda s, e, p: enrolment.pause(s, e, now=now, actor=app.actor)
     )
-    click.echo("paused" if changed else "already paused; nothing changed")
+    said = "paused" if change.changed else "already paused; nothing changed"
+    click.echo(said + _on_way(change.on_their_way))
 
 
 @cli.command()
@@ -353,7 +356,7 @@ def resume(app: App, email: str, campaign: str | None) -> None:
 def reschedule(app: App, email: str, first_session: str, campaign: str | None) -> None:
     """Set or move the first session; every step not yet sent is planned again."""
     now = app.now()
-    when = _change(
+    when, on_way = _change(
         app,
         email,
         campaign,
@@ -361,7 +364,9 @@ def reschedule(app: App, email: str, first_session: str, campaign: str | None) -
             s, e, app.planner(e.campaign, now), p.timezone, first_session, actor=app.actor
         ),
     )
-    click.echo(f"first session set to {when}; see `drip timeline` for the new times")
+    click.echo(
+        f"first session set to {when}; see `drip timeline` for the new times" + _on_way(on_way)
+    )
 
 
 @cli.command()
@@ -371,10 +376,21 @@ def reschedule(app: App, email: str, first_session: str, campaign: str | None) -
 def unenroll(app: App, email: str, campaign: str | None) -> None:
     """End a patient's enrolment; every email not yet on its way is cancelled."""
     now = app.now()
-    cancelled = _change(
+    change = _change(
         app, email, campaign, lambda s, e, p: enrolment.unenrol(s, e, now=now, actor=app.actor)
     )
-    click.echo(f"unenrolled; {cancelled} planned email(s) cancelled")
+    click.echo(
+        f"unenrolled; {change.cancelled} planned email(s) cancelled" + _on_way(change.on_their_way)
+    )
+
+
+def _on_way(count: int) -> str:
+    """Emails already being handed to the mail server when a plan changed cannot be recalled."""
+    if not count:
+        return ""
+    if count == 1:
+        return "; 1 email was already on its way"
+    return f"; {count} emails were already on their way"
 
 
 # --- campaigns --------------------------------------------------------------------------------

@@ -5,26 +5,20 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from drip import events
-from drip.claims import unindexed
+from drip import events, states
 from drip.clock import iso
 from drip.errors import DripError, NotFound
 from drip.models import (
     ACTIVE,
-    DELIVERIES,
-    FAILED,
-    RETRY,
-    SCHEDULED,
-    UNKNOWN,
     Delivery,
     Enrolment,
     Patient,
 )
 
-RETRYABLE = (FAILED, UNKNOWN, RETRY)
+RETRYABLE = states.RETRYABLE
 
 
 def list_deliveries(
@@ -73,12 +67,8 @@ def retry(session: Session, ids: list[int], *, now: datetime, actor: str) -> int
     problems = [f"  {i}: {why}" for i in ids if (why := _why_not(*found[i]))]
     if problems:
         raise DripError("nothing was retried:\n" + "\n".join(problems))
+    session.execute(states.operator_retry(ids, now=now))
     for delivery_id in ids:
-        session.execute(
-            update(Delivery)
-            .where(Delivery.id == delivery_id, unindexed(DELIVERIES.c.state).in_(RETRYABLE))
-            .values(state=SCHEDULED, due_at=now, lease_until=None, updated_at=now)
-        )
         events.record(
             session,
             at=now,

@@ -133,7 +133,8 @@ class Demo:
 
     def _enrol(self, engine: Engine, settings: Settings, start: datetime) -> None:
         planner = enrolment.Planner(
-            load_campaign(settings.templates_dir, CAMPAIGN), settings.send_window, start
+            load_campaign(settings.templates_dir, CAMPAIGN), settings.send_window, start,
+            settings.min_gap,
         )
         rows = []
         for i in range(self.patients):
@@ -217,7 +218,8 @@ class Demo:
             enrolment_row, patient = waiting
             day = now.astimezone(zone(patient.timezone)).date() + timedelta(days=4)
             planner = enrolment.Planner(
-                load_campaign(settings.templates_dir, CAMPAIGN), settings.send_window, now
+                load_campaign(settings.templates_dir, CAMPAIGN), settings.send_window, now,
+                settings.min_gap,
             )
             enrolment.reschedule(
                 session, enrolment_row, planner, patient.timezone, f"{day}T11:00", actor="demo"

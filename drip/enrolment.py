@@ -10,42 +10,33 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from itertools import islice
 from typing import Any
 
-from sqlalchemy import and_, case, or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from drip import db, events
+from drip import db, events, states
 from drip.campaigns import Campaign
-from drip.db import rowcount
 from drip.errors import InputError, NotFound
 from drip.models import (
     ACTIVE,
-    CANCELLED,
     DELIVERIES,
     ENDED,
     ENROLMENTS,
     PATIENTS,
     PAUSED,
-    RETRY,
     SCHEDULED,
     SKIPPED,
-    WAITING_STATES,
     Delivery,
     Enrolment,
     Patient,
 )
 from drip.patients import PatientInput, check_first_session, email_key, zone
-from drip.planning import STALE, FirstSession, Plan, SendWindow, plan_step
+from drip.planning import FirstSession, Plan, SendWindow, plan_steps
 
 CHUNK = 1000
-# Rows a change of plan may still move: not yet claimed, or skipped only for being late.
-REPLANNABLE = or_(
-    Delivery.state.in_(WAITING_STATES),
-    and_(Delivery.state == SKIPPED, Delivery.last_error == STALE),
-)
 
 
 @dataclass
@@ -64,24 +55,21 @@ class Planner:
     campaign: Campaign
     window: SendWindow
     now: datetime
+    gap: timedelta = timedelta(0)
 
     def plans(
         self, tz: str, enrolled_at: datetime, first_session: FirstSession | None
     ) -> list[tuple[str, Plan]]:
-        return [
-            (
-                step.key,
-                plan_step(
-                    step,
-                    zone=zone(tz),
-                    enrolled_at=enrolled_at,
-                    first_session=first_session,
-                    window=self.window,
-                    now=self.now,
-                ),
-            )
-            for step in self.campaign.steps
-        ]
+        plans = plan_steps(
+            self.campaign.steps,
+            zone=zone(tz),
+            enrolled_at=enrolled_at,
+            first_session=first_session,
+            window=self.window,
+            now=self.now,
+            gap=self.gap,
+        )
+        return [(step.key, plan) for step, plan in zip(self.campaign.steps, plans, strict=True)]
 
 
 def enrol(
@@ -221,10 +209,11 @@ def _delivery_row(enrolment_id: int, step_key: str, plan: Plan, now: datetime) -
     return {
         "enrolment_id": enrolment_id,
         "step_key": step_key,
-        "state": plan.state,
+        "state": SKIPPED if plan.stale else SCHEDULED,
         "due_at": plan.due_at,
+        "expires_at": plan.expires_at,
         "attempts": 0,
-        "last_error": plan.reason,
+        "last_error": states.STALE_REASON if plan.stale else None,
         "created_at": now,
         "updated_at": now,
     }
@@ -264,13 +253,26 @@ def open_enrolment(session: Session, patient: Patient, campaign: str | None) -> 
 # --- changing a plan --------------------------------------------------------------------------
 
 
-def pause(session: Session, enrolment: Enrolment, *, now: datetime, actor: str) -> bool:
-    """Hold every unsent email; False if it was paused already."""
+@dataclass(frozen=True)
+class Change:
+    """What a change of plan did: whether it changed anything, how many planned emails it
+    cancelled, and how many were already on their way (`sending`: beyond recall)."""
+
+    changed: bool
+    cancelled: int = 0
+    on_their_way: int = 0
+
+
+def pause(session: Session, enrolment: Enrolment, *, now: datetime, actor: str) -> Change:
+    """Hold every unsent email, including those a batch has claimed but not begun to send."""
     if enrolment.status == PAUSED:
-        return False
+        return Change(False)
+    mine = states.of_enrolment(enrolment.id)
     enrolment.status, enrolment.paused_at = PAUSED, now
+    session.flush()
+    states.hold(session, mine, now=now)
     _log(session, enrolment, now, actor, "paused")
-    return True
+    return Change(True, on_their_way=states.in_flight(session, mine))
 
 
 def resume(
@@ -293,32 +295,32 @@ def reschedule(
     first_session: str,
     *,
     actor: str,
-) -> FirstSession:
-    """Set or move the first session and re-plan every step not yet sent."""
+) -> tuple[FirstSession, int]:
+    """Set or move the first session and re-plan every step not yet on its way; also returns
+    how many emails were already on their way (`sending`) and keep their old plan."""
     session_at = check_first_session(first_session, tz, planner.now)
     if session_at is None:
         raise InputError("--first-session", "is empty; give a date like 2026-12-03")
     enrolment.first_session_on, enrolment.first_session_at = session_at.on, session_at.at
     replan(session, enrolment, planner, tz)
     _log(session, enrolment, planner.now, actor, "rescheduled")
-    return session_at
+    return session_at, states.in_flight(session, states.of_enrolment(enrolment.id))
 
 
-def unenrol(session: Session, enrolment: Enrolment, *, now: datetime, actor: str) -> int:
-    """End the enrolment and cancel every email not yet claimed; returns how many."""
+def unenrol(session: Session, enrolment: Enrolment, *, now: datetime, actor: str) -> Change:
+    """End the enrolment and cancel every email not yet on its way, claimed ones included."""
     enrolment.status, enrolment.ended_at, enrolment.ended_reason = ENDED, now, "unenrolled"
-    result = session.execute(
-        update(Delivery)
-        .where(Delivery.enrolment_id == enrolment.id, Delivery.state.in_(WAITING_STATES))
-        .values(state=CANCELLED, lease_until=None, updated_at=now)
-    )
-    cancelled = rowcount(result)
+    session.flush()
+    mine = states.of_enrolment(enrolment.id)
+    cancelled = states.cancel(session, mine, now=now)
     _log(session, enrolment, now, actor, "unenrolled", f"cancelled={cancelled}")
-    return cancelled
+    return Change(True, cancelled, states.in_flight(session, mine))
 
 
 def replan(session: Session, enrolment: Enrolment, planner: Planner, tz: str) -> None:
-    """Plan again every step of the enrolment that has not been claimed or sent."""
+    """Plan again every step of the enrolment not yet on its way (claimed rows too: their
+    batch finds the plan changed and leaves them)."""
+    session.flush()
     first = (
         FirstSession(enrolment.first_session_on, enrolment.first_session_at)
         if enrolment.first_session_on
@@ -326,23 +328,14 @@ def replan(session: Session, enrolment: Enrolment, planner: Planner, tz: str) ->
     )
     for step_key, plan in planner.plans(tz, enrolment.enrolled_at, first):
         session.execute(
-            update(Delivery)
-            .where(
-                Delivery.enrolment_id == enrolment.id, Delivery.step_key == step_key, REPLANNABLE
-            )
-            .values(
-                state=plan.state if plan.state == SKIPPED else _waiting_state(),
+            states.replan(
+                (Delivery.enrolment_id == enrolment.id) & (Delivery.step_key == step_key),
+                now=planner.now,
                 due_at=plan.due_at,
-                last_error=plan.reason,
-                lease_until=None,
-                updated_at=planner.now,
+                expires_at=plan.expires_at,
+                stale=plan.stale,
             )
         )
-
-
-def _waiting_state() -> Any:
-    """Keep RETRY rows in RETRY (their attempts count), everything else becomes SCHEDULED."""
-    return case((Delivery.state == RETRY, RETRY), else_=SCHEDULED)
 
 
 def _log(

@@ -79,8 +79,10 @@ def compose(
     now: datetime,
     delivery_id: int | None = None,
     subject_prefix: str = "",
+    message_id: str | None = None,
 ) -> Composed:
-    """Render one step for one patient and build the message exactly as it is sent."""
+    """Render one step for one patient and build the message exactly as it is sent; a message
+    sent again (a retry) passes the Message-ID it had, so a receiving client folds duplicates."""
     link = unsubscribe_url(settings.public_url, settings.secret_key, recipient.patient_id)
     rendered = renderer.render(
         campaign,
@@ -93,7 +95,7 @@ def compose(
     )
     if subject_prefix:
         rendered = replace(rendered, subject=subject_prefix + rendered.subject)
-    message_id = make_message_id(settings.from_address)
+    message_id = message_id or make_message_id(settings.from_address)
     message = build_message(
         rendered,
         to=recipient.email,

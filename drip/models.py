@@ -145,10 +145,13 @@ class Delivery(Base):
     step_key: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16))
     due_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # None: waits for a date
+    # After this instant the step is stale (its late policy): never sent, at claim or at send.
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    first_tried_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # DRIP_RETRY_FOR
     last_error: Mapped[str | None] = mapped_column(String(500))
-    message_id: Mapped[str | None] = mapped_column(String(255))
+    message_id: Mapped[str | None] = mapped_column(String(255))  # set when marked sending
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())

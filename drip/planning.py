@@ -8,18 +8,16 @@ the patient's, through zoneinfo, so DST shifts are handled: a wall-clock time th
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import TYPE_CHECKING
-
-from drip.models import SCHEDULED, SKIPPED
 
 if TYPE_CHECKING:
     from drip.campaigns import Step
 
 _DURATION = re.compile(r"^(?P<sign>[+-])?(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?$")
 _HHMM = re.compile(r"^(\d{1,2}):(\d{2})$")
-STALE = "stale"  # the reason written on a step skipped for being too late (its late policy)
 
 
 def parse_duration(text: str) -> timedelta:
@@ -119,14 +117,16 @@ class FirstSession:
 
 @dataclass(frozen=True)
 class Plan:
-    """When one step is due (UTC), or why it is not: waiting for a date, or stale."""
+    """When one step is due (UTC), or that it is not: waiting for a date (`due_at` None), or
+    stale (too late for its late policy). `expires_at`: the step's last useful instant, kept so
+    that a row that waits (workers down, retries) is skipped at send time too."""
 
-    state: str  # SCHEDULED or SKIPPED
     due_at: datetime | None
-    reason: str | None = None  # STALE for skipped steps
+    expires_at: datetime | None = None
+    stale: bool = False
 
 
-WAITING = Plan(SCHEDULED, None, None)
+WAITING = Plan(None)
 
 
 def plan_step(
@@ -137,15 +137,57 @@ def plan_step(
     first_session: FirstSession | None,
     window: SendWindow,
     now: datetime,
+    earliest: datetime | None = None,
 ) -> Plan:
-    """Due time of `step` for one patient, following its late policy when it is already late."""
+    """Due time of `step` for one patient (not before `earliest`), following its late policy
+    when it is already late."""
     nominal = _nominal(step, zone, enrolled_at, first_session, window)
     if nominal is None:
         return WAITING
-    due = window.next_open(max(nominal, now), zone)
-    if step.late == "skip" and step.skip_after is not None and due - nominal > step.skip_after:
-        return Plan(SKIPPED, nominal, STALE)
-    return Plan(SCHEDULED, due)
+    expires = nominal + step.skip_after if step.late == "skip" and step.skip_after else None
+    due = window.next_open(max(nominal, now, earliest or nominal), zone)
+    return Plan(due, expires, stale=expires is not None and due > expires)
+
+
+def plan_steps(
+    steps: Sequence[Step],
+    *,
+    zone: tzinfo,
+    enrolled_at: datetime,
+    first_session: FirstSession | None,
+    window: SendWindow,
+    now: datetime,
+    gap: timedelta,
+) -> list[Plan]:
+    """Every step's plan, in step order, spaced so that no two of them fall closer than `gap`
+    (DRIP_MIN_GAP): in the order they fall due, each one that would come too soon after the one
+    before moves to the gap's end (inside the send window), and may then become stale."""
+
+    def plan(step: Step, earliest: datetime | None = None) -> Plan:
+        return plan_step(
+            step,
+            zone=zone,
+            enrolled_at=enrolled_at,
+            first_session=first_session,
+            window=window,
+            now=now,
+            earliest=earliest,
+        )
+
+    plans = [plan(step) for step in steps]
+    timed = sorted(
+        (i for i, p in enumerate(plans) if p.due_at is not None and not p.stale),
+        key=lambda i: (plans[i].due_at, i),
+    )
+    previous: datetime | None = None
+    for i in timed:
+        due = plans[i].due_at
+        assert due is not None
+        if previous is not None and due < previous + gap:
+            plans[i] = plan(steps[i], previous + gap)
+        if not plans[i].stale:
+            previous = plans[i].due_at
+    return plans
 
 
 def _nominal(

@@ -1,25 +1,35 @@
 """Sending one claimed batch: re-check each row, render, send over one connection, record.
 
 SMTP cannot be exactly-once (DESIGN §1). What drip guarantees instead: a row is committed as
-`sending` before its message goes out and as `sent` (with its Message-ID) after the server's 250.
-If the process dies in between, the row's lease runs out in `sending` and the ticker marks it
-`unknown`: never resent automatically. Every change is a conditional UPDATE on the state the row
-must still be in, so a second copy of a task (redelivered, or racing) finds nothing to do.
+`sending`, with the Message-ID it will carry, before its message goes out, and as `sent` after
+the server's 250. If the process dies in between, the row's lease runs out in `sending` and the
+ticker marks it `unknown`: never resent automatically. Every change is a statement of
+drip.states, conditional on the state the row must still be in, so a second copy of a task
+(redelivered, or racing) finds nothing to do, and a coordinator's pause, unenrol or reschedule
+made while the batch runs wins over it (the `claimed → sending` statement re-checks them).
+
+What a batch keeps to, beyond one email:
+- a patient never gets two campaign emails closer than DRIP_MIN_GAP: a row that would is moved
+  to the gap's end (inside the send window), and skipped if its step is stale by then;
+- a step past its age (its late policy, `expires_at`) is skipped, never sent late;
+- after one send whose outcome is unknown (a relay that swallows messages), the batch stops,
+  gives the rest back and opens the circuit breaker shared by every worker process, so a wedged
+  relay costs one `unknown`, not a backlog;
+- transient failures are retried with back-off for DRIP_RETRY_FOR, then `failed`;
+- a message that cannot be built (any exception) fails its row alone, with the reason;
+- the batch renews its lease as it goes and stops taking new emails at its soft deadline, well
+  before the hard time limit, giving back what it did not reach.
 
 To keep the per-email cost low (a few hundred microseconds, most of it the SMTP exchange):
-
 - the commit that records one message's outcome is the same commit that marks the next message
   `sending`: one commit per email, on one connection held for the batch, made while the SMTP
   server reads that message's envelope (the transport's `before_content`: no content goes out
   before it returns);
-- when every outcome to record is `sent` (the usual case), that commit is driver calls with SQL
-  written once (_EmailCommit; on PostgreSQL, one statement in autocommit): no ORM UPDATE path
-  (which builds, coerces and evaluates the statement against the identity map every time) and
-  no SQLAlchemy execution in between, which also keeps SQLite's write lock short; any other
-  outcome takes the general path, with Core statements and events;
-- the rows are loaded with one Core SELECT of the columns needed, and the messages are rendered
-  and built after that transaction has committed, so SQLite's write lock is held only while rows
-  change;
+- when every outcome to record is `sent` (the usual case), that commit is driver calls running
+  SQL compiled once from drip.states' statements (_EmailCommit; on PostgreSQL, one statement in
+  autocommit); any other outcome takes the general path, with Core statements and events;
+- the rows are loaded with one Core SELECT, and the messages are rendered and built after that
+  transaction has committed, so SQLite's write lock is held only while rows change;
 - each message is built while the server is still reading the previous one's body (_Builder,
   the transport's `while_waiting`), so that wait is not idle time.
 """
@@ -28,21 +38,28 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, select, update
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
-from drip import events
+from drip import events, states
+from drip.breaker import Breaker, LocalBreaker
 from drip.campaigns import Campaign, load_campaign
-from drip.claims import leave, unindexed
 from drip.clock import Clock
 from drip.db import begin_immediate
-from drip.errors import DeliveryError, DripError, PermanentDeliveryError, TransientDeliveryError
+from drip.errors import (
+    DeliveryError,
+    DripError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
 from drip.messages import Recipient, compose, envelope_from
 from drip.models import (
     CLAIMED,
@@ -66,7 +83,6 @@ from drip.transports import Transport
 
 log = logging.getLogger("drip.sending")
 
-MAX_ATTEMPTS = 8
 BACKOFF_BASE = timedelta(minutes=1)
 BACKOFF_CAP = timedelta(hours=2)
 GIVE_UP_AFTER_CONSECUTIVE = 2  # transient failures in a row: the server is down, stop the batch
@@ -88,8 +104,9 @@ class BatchReport:
     failed: int = 0
     unknown: int = 0
     skipped: int = 0
-    deferred: int = 0  # paused, or outside the send window: back to scheduled
-    not_ours: int = 0  # no longer claimed (another copy of the task got there first)
+    deferred: int = 0  # paused, outside the send window, or too soon after the last email
+    given_back: int = 0  # not reached: the relay was failing, or the batch's deadline came
+    not_ours: int = 0  # no longer claimed: another copy of the task, or a coordinator's change
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -103,8 +120,11 @@ class Job:
     attempts: int
     patient_id: int
     recipient: str
+    due_at: datetime
+    expires_at: datetime | None
+    first_tried_at: datetime | None
+    message_id: str | None
     message: bytes = b""
-    message_id: str = ""
 
 
 @dataclass
@@ -122,15 +142,17 @@ D, E, P = DELIVERIES.c, ENROLMENTS.c, PATIENTS.c
 
 
 # Everything a batch needs of a row, in one SELECT of plain columns (no ORM objects). Like every
-# statement here that finds rows by id and checks their state, the state test must not use the
-# state index (see drip.claims.unindexed): the ids are looked up by primary key.
-_STATE = unindexed(D.state)
+# statement that finds rows by id and checks their state, the state test must not use the state
+# index (see drip.states.unindexed): the ids are looked up by primary key.
 _LOAD = (
     select(
         D.id,
         D.attempts,
         D.step_key,
         D.due_at,
+        D.expires_at,
+        D.first_tried_at,
+        D.message_id,
         E.status,
         E.campaign,
         P.id.label("patient_id"),
@@ -144,35 +166,23 @@ _LOAD = (
     )
     .join(ENROLMENTS, E.id == D.enrolment_id)
     .join(PATIENTS, P.id == E.patient_id)
-    .where(D.id.in_(bindparam("ids", expanding=True)), _STATE == CLAIMED)
-    .order_by(D.id)
+    .where(D.id.in_(bindparam("ids", expanding=True)), states.unindexed(D.state) == CLAIMED)
+    .order_by(D.due_at, D.id)
+)
+
+# When each patient of a batch last got an email (or one may be on its way), for DRIP_MIN_GAP.
+_LAST_SENT = (
+    select(E.patient_id, func.max(func.coalesce(D.sent_at, D.updated_at)))
+    .join(DELIVERIES, D.enrolment_id == E.id)
+    .where(
+        E.patient_id.in_(bindparam("patients", expanding=True)),
+        D.state.in_((SENT, SENDING, UNKNOWN)),
+    )
+    .group_by(E.patient_id)
 )
 
 Loaded = Any  # a Row of _LOAD: attribute access by column name
-
-# The two statements of the per-email commit, built once (compiled-cache hits from then on).
-_MARK_SENDING = (
-    update(DELIVERIES)
-    .where(D.id == bindparam("b_id"), _STATE == CLAIMED)
-    .values(
-        state=SENDING,
-        attempts=D.attempts + 1,
-        lease_until=bindparam("b_lease_until"),
-        updated_at=bindparam("b_now"),
-    )
-)
-_RECORD_SENT = (
-    update(DELIVERIES)
-    .where(D.id == bindparam("b_id"), _STATE == SENDING)
-    .values(
-        state=SENT,
-        lease_until=None,
-        updated_at=bindparam("b_now"),
-        message_id=bindparam("b_message_id"),
-        sent_at=bindparam("b_now"),
-        last_error=None,
-    )
-)
+Hold = tuple[str, str | None, datetime | None]  # (new state, reason, new due time)
 
 
 @dataclass
@@ -185,6 +195,8 @@ class Sender:
     clock: Clock
     renderer: Renderer | None = None
     rng: random.Random = field(default_factory=random.Random)
+    breaker: Breaker = field(default_factory=LocalBreaker)
+    monotonic: Callable[[], float] = time.monotonic
 
     def __post_init__(self) -> None:
         self.renderer = self.renderer or Renderer(self.settings)
@@ -193,11 +205,14 @@ class Sender:
 
     def send_batch(self, ids: list[int]) -> BatchReport:
         report = BatchReport()
+        started = self.monotonic()
         with self.engine.begin() as connection:
             now = self.clock.now()
             ready = self._prepare(connection, now, ids, report)
+            ready = self._unless_breaker_open(connection, now, ready, report)
         if ready:
-            self._send_all(_Builder(self, ready, now), report)
+            batch = _Batch(self, _Builder(self, ready, now), started)
+            batch.run(report)
         log.info("batch of %d: %s", len(ids), report.as_dict())
         return report
 
@@ -207,19 +222,22 @@ class Sender:
         self, connection: Connection, now: datetime, ids: list[int], report: BatchReport
     ) -> list[Loaded]:
         """Re-check every row; settle the ones not to send now; return the rest."""
+        rows = list(connection.execute(_LOAD, {"ids": ids}))
+        report.not_ours += len(set(ids)) - len(rows)
+        last = dict(
+            connection.execute(_LAST_SENT, {"patients": list({r.patient_id for r in rows})}).all()
+        )
         ready: list[Loaded] = []
-        seen = 0
-        for row in connection.execute(_LOAD, {"ids": ids}):
-            seen += 1
-            hold = self._hold(now, row)
+        for row in rows:
+            hold = self._hold(now, row, last.get(row.patient_id))
             if hold is None:
                 ready.append(row)
+                last[row.patient_id] = now  # the next one of this patient waits for the gap
             else:
                 _settle(connection, row.id, now, report, *hold)
-        report.not_ours += len(set(ids)) - seen
         return ready
 
-    def _hold(self, now: datetime, row: Loaded) -> tuple[str, str | None, datetime | None] | None:
+    def _hold(self, now: datetime, row: Loaded, last_sent: datetime | None) -> Hold | None:
         """Why a claimed row must not go now: (new state, reason, new due time), or None."""
         if row.unsubscribed_at is not None:
             return SKIPPED, "unsubscribed", None
@@ -228,11 +246,38 @@ class Sender:
         if row.status == ENDED:
             return SKIPPED, "enrolment ended", None
         if row.status == PAUSED:
-            return SCHEDULED, None, row.due_at
+            return SCHEDULED, None, None
         local = zone(row.timezone)
-        if not self.settings.send_window.contains(now, local):
-            return SCHEDULED, None, self.settings.send_window.next_open(now, local)
+        earliest = now
+        if last_sent is not None and self.settings.min_gap:
+            earliest = max(now, last_sent + self.settings.min_gap)
+        due = self.settings.send_window.next_open(earliest, local)
+        if row.expires_at is not None and due > row.expires_at:
+            return SKIPPED, states.STALE_REASON, None
+        if due > now:
+            return SCHEDULED, None, due
         return None
+
+    def _unless_breaker_open(
+        self, connection: Connection, now: datetime, ready: list[Loaded], report: BatchReport
+    ) -> list[Loaded]:
+        """While the relay's circuit breaker is open, nothing is sent: every row goes back,
+        untried, due when it closes."""
+        wait = self.breaker.open_for()
+        if not ready or wait <= 0:
+            return ready
+        due = now + timedelta(seconds=wait)
+        report.given_back += states.leave(
+            connection,
+            [row.id for row in ready],
+            CLAIMED,
+            RETRY,
+            now=now,
+            due_at=due,
+            error="not attempted: the mail server's outcome was unknown for an earlier email; "
+            "sending pauses until the circuit breaker closes",
+        )
+        return []
 
     def _build(self, job: Job, campaign: Campaign, row: Loaded, now: datetime) -> None:
         assert self.renderer is not None
@@ -245,103 +290,11 @@ class Sender:
             recipient,
             now=now,
             delivery_id=job.id,
+            message_id=job.message_id,  # a row tried before keeps its Message-ID
         )
         job.message_id, job.message = composed.message_id, composed.message
 
-    # --- sending ----------------------------------------------------------------------------
-
-    def _send_all(self, builder: _Builder, report: BatchReport) -> None:
-        """Send the batch's messages in order. Each row is committed `sending` while the server
-        reads the message's envelope (the transport's `before_content`), and each message is
-        built while the server reads the one before it (after its body, before its reply)."""
-        outcomes: list[Outcome] = []
-        failures_in_a_row = 0
-        with self.engine.connect() as connection:
-            fast = _EmailCommit(connection)
-            try:
-                while (job := builder.next()) is not None:
-                    mark = _Mark(self._marker(connection, fast, outcomes, job, report))
-                    try:
-                        outcome = self._send_one(job, mark, builder.ahead)
-                    except _NotOurs:
-                        report.not_ours += 1
-                        continue
-                    outcomes.append(outcome)
-                    failures_in_a_row = failures_in_a_row + 1 if outcome.state == RETRY else 0
-                    if failures_in_a_row >= GIVE_UP_AFTER_CONSECUTIVE:
-                        break
-            finally:
-                fast.close()
-                if connection.in_transaction():  # a failure inside the block above
-                    connection.rollback()
-                with connection.begin():
-                    self._record(connection, outcomes, report)
-                    self._defer(connection, builder.unsent(), report)
-                    builder.settle_broken(connection, report)
-
-    def _marker(
-        self,
-        connection: Connection,
-        fast: _EmailCommit,
-        outcomes: list[Outcome],
-        job: Job,
-        report: BatchReport,
-    ) -> Callable[[], bool]:
-        """The commit that records the outcomes so far and marks `job` sending: the fast one
-        when every outcome is `sent` (the usual case), else the general one (events, logs)."""
-        if all(outcome.state == SENT for outcome in outcomes):
-            return lambda: self._next_fast(fast, outcomes, job, report)
-
-        def general() -> bool:
-            with connection.begin():
-                self._record(connection, outcomes, report)
-                return self._mark_sending(connection, job)
-
-        return general
-
-    def _next_fast(
-        self, fast: _EmailCommit, outcomes: list[Outcome], job: Job, report: BatchReport
-    ) -> bool:
-        """Record the messages just sent and mark `job` sending, in one commit: the same two
-        conditional UPDATEs as _record and _mark_sending, without SQLAlchemy in between."""
-        # At most one: each send is preceded by a commit that records (and clears) the outcomes
-        # so far, and this path is taken only while all of them are `sent`, one per send.
-        assert len(outcomes) <= 1
-        previous = (outcomes[0].job.id, outcomes[0].job.message_id) if outcomes else None
-        now = self.clock.now()
-        recorded, marked = fast.commit(previous, job.id, now, now + self.lease)
-        report.sent += recorded
-        outcomes.clear()
-        job.attempts += 1
-        return marked
-
-    def _mark_sending(self, connection: Connection, job: Job) -> bool:
-        now = self.clock.now()
-        result = connection.execute(
-            _MARK_SENDING, {"b_id": job.id, "b_lease_until": now + self.lease, "b_now": now}
-        )
-        job.attempts += 1
-        return result.rowcount == 1
-
-    def _send_one(
-        self, job: Job, mark: _Mark, while_waiting: Callable[[], None] | None = None
-    ) -> Outcome:
-        """Send one message; `mark` commits the row `sending` before any content goes out (and
-        raises _NotOurs if the row is no longer ours). A send that fails before the transport
-        called it is marked afterwards, so that every outcome is recorded from `sending`."""
-        try:
-            self.transport.send(
-                self.envelope_from,
-                job.recipient,
-                job.message,
-                before_content=mark,
-                while_waiting=while_waiting,
-            )
-        except DeliveryError as e:
-            mark()  # first: _failure reads the attempts that marking counts
-            return self._failure(job, e)
-        mark()  # a no-op: the transport called it (a transport that did not is not trusted)
-        return Outcome(job, SENT)
+    # --- outcomes ---------------------------------------------------------------------------
 
     def _failure(self, job: Job, error: DeliveryError) -> Outcome:
         """The outcome of a failed send. A failure that is neither transient nor permanent is
@@ -354,12 +307,19 @@ class Sender:
         return Outcome(job, UNKNOWN, str(error))
 
     def _transient(self, job: Job, error: str) -> Outcome:
-        if job.attempts >= MAX_ATTEMPTS:
-            return Outcome(job, FAILED, f"gave up after {job.attempts} attempts: {error}")
-        due = self.clock.now() + backoff(job.attempts, self.rng)
+        """Try again after a back-off, for DRIP_RETRY_FOR from the first try, and never past the
+        step's age."""
+        now = self.clock.now()
+        first = job.first_tried_at or now
+        if now - first >= self.settings.retry_for:
+            tried_for = _age(now - first)
+            return Outcome(
+                job, FAILED, f"gave up after {job.attempts} tries over {tried_for}: {error}"
+            )
+        due = now + backoff(job.attempts, self.rng)
+        if job.expires_at is not None and due > job.expires_at:
+            return Outcome(job, SKIPPED, f"{states.STALE_REASON}; last try: {error}")
         return Outcome(job, RETRY, error, due_at=due)
-
-    # --- recording --------------------------------------------------------------------------
 
     def _record(self, connection: Connection, outcomes: list[Outcome], report: BatchReport) -> None:
         if not outcomes:
@@ -368,30 +328,30 @@ class Sender:
         for outcome in outcomes:
             if outcome.state == SENT:
                 changed = connection.execute(
-                    _RECORD_SENT,
-                    {"b_id": outcome.job.id, "b_now": now, "b_message_id": outcome.job.message_id},
+                    states.RECORD_SENT, {"sent_id": outcome.job.id, "now": now}
                 ).rowcount
             else:
-                changed = leave(
+                changed = states.leave(
                     connection,
                     [outcome.job.id],
                     SENDING,
+                    outcome.state,
                     now=now,
-                    state=outcome.state,
                     error=outcome.error or "",
                     due_at=outcome.due_at,
                 )
-            if changed:
-                setattr(report, outcome.state, getattr(report, outcome.state) + 1)
-                if outcome.state == SENT:
-                    log.debug("delivery %d sent", outcome.job.id)
-                else:
-                    self._log(connection, outcome, now)
+            if not changed:
+                _not_recorded(outcome.job.id, outcome.state)
+                continue
+            setattr(report, outcome.state, getattr(report, outcome.state) + 1)
+            if outcome.state != SENT:
+                self._log(connection, outcome, now)
         outcomes.clear()
 
     def _log(self, connection: Connection, outcome: Outcome, now: datetime) -> None:
-        """A failed, retried or unknown send: a warning, an event, and a suppression if the
-        server said the mailbox is bad. Rare, so a Session (inside this transaction) is fine."""
+        """A failed, retried, skipped or unknown send: a warning, an event, and a suppression if
+        the server said the mailbox is bad. Rare, so a Session (inside this transaction) is
+        fine."""
         job = outcome.job
         log.warning("delivery %d %s: %s", job.id, outcome.state, outcome.error)
         session = Session(bind=connection)  # joins the transaction in progress
@@ -420,27 +380,191 @@ class Sender:
                 detail=outcome.suppress,
             )
 
-    def _defer(self, connection: Connection, ids: list[int], report: BatchReport) -> None:
-        """Rows not attempted because the mail server is failing: retry them later."""
-        if not ids:
+    def _give_back(
+        self, connection: Connection, jobs: list[Job], report: BatchReport, why: str, tried: bool
+    ) -> None:
+        """Rows the batch did not reach. `tried`: the relay was failing, so this counts as a
+        try: retried after a back-off, or final once tried for DRIP_RETRY_FOR or past the step's
+        age. Else (the batch's deadline came) they go back as they were, due at once."""
+        if not jobs:
             return
         now = self.clock.now()
-        report.retry += leave(
-            connection,
-            ids,
-            CLAIMED,
-            now=now,
-            state=RETRY,
-            error="not attempted: the mail server was failing",
-            due_at=now + backoff(1, self.rng) + BACKOFF_BASE,
-        )
+        if not tried:
+            ids = [job.id for job in jobs]
+            report.given_back += states.leave(
+                connection, ids, CLAIMED, SCHEDULED, now=now, error=why
+            )
+            return
+        due = now + backoff(1, self.rng) + BACKOFF_BASE
+        groups: dict[tuple[str, str, datetime | None], list[int]] = {}
+        for job in jobs:
+            key: tuple[str, str, datetime | None]
+            if now - (job.first_tried_at or now) >= self.settings.retry_for:
+                key = (FAILED, f"gave up after {job.attempts + 1} tries: {why}", None)
+            elif job.expires_at is not None and due > job.expires_at:
+                key = (SKIPPED, f"{states.STALE_REASON}; {why}", None)
+            else:
+                key = (RETRY, why, due)
+            groups.setdefault(key, []).append(job.id)
+        for (state, error, due_at), ids in groups.items():
+            moved = states.leave(
+                connection, ids, CLAIMED, state, now=now, error=error, due_at=due_at, tried=True
+            )
+            name = "given_back" if state == RETRY else state
+            setattr(report, name, getattr(report, name) + moved)
+
+
+def _age(delta: timedelta) -> str:
+    hours = delta.total_seconds() / 3600
+    return f"{hours / 24:.1f} days" if hours >= 48 else f"{hours:.1f} hours"
+
+
+def _not_recorded(delivery_id: int, state: str) -> None:
+    """The row changed under us between `sending` and its outcome: nothing should ever do that
+    (only a lease that ran out mid-send, turned `unknown` by a ticker)."""
+    log.warning(
+        "delivery %d: its %s outcome was not recorded: the row was no longer `sending` "
+        "(its lease ran out mid-send?); see `drip deliveries`",
+        delivery_id,
+        state,
+    )
+
+
+class _Batch:
+    """The sending loop of one batch: one connection, one commit per email, the lease renewed
+    as it goes, a soft deadline, and the stops (transient failures in a row, unknown outcome)."""
+
+    def __init__(self, sender: Sender, builder: _Builder, started: float) -> None:
+        self.sender, self.builder = sender, builder
+        lease = sender.lease.total_seconds()
+        self.deadline = started + sender.settings.soft_deadline_seconds
+        self.renew_every = lease / 4
+        self.renewed = started
+        self.outcomes: list[Outcome] = []
+        self.stop: tuple[str, bool] | None = None  # (why, whether it counts as a try)
+
+    def run(self, report: BatchReport) -> None:
+        sender = self.sender
+        with sender.engine.connect() as connection:
+            fast = _EmailCommit(connection)
+            try:
+                self._loop(connection, fast, report)
+            finally:
+                fast.close()
+                if connection.in_transaction():  # a failure inside the loop
+                    connection.rollback()
+                with connection.begin():
+                    sender._record(connection, self.outcomes, report)
+                    why, tried = self.stop or ("not reached: the batch stopped", False)
+                    sender._give_back(connection, self.builder.unsent(), report, why, tried)
+                    self.builder.settle_broken(connection, report)
+
+    def _loop(self, connection: Connection, fast: _EmailCommit, report: BatchReport) -> None:
+        failures_in_a_row = 0
+        while self.stop is None:
+            self._keep_lease(connection)
+            if self.sender.monotonic() >= self.deadline:
+                self.stop = ("not reached before the batch's deadline; given back untried", False)
+                break
+            job = self.builder.next()
+            if job is None:
+                break
+            mark = _Mark(self._marker(connection, fast, job, report))
+            try:
+                outcome = self._send_one(job, mark)
+            except _NotOurs:
+                report.not_ours += 1
+                continue
+            self.outcomes.append(outcome)
+            failures_in_a_row = failures_in_a_row + 1 if outcome.state == RETRY else 0
+            if failures_in_a_row >= GIVE_UP_AFTER_CONSECUTIVE:
+                self.stop = (f"not attempted: the mail server was failing ({outcome.error})", True)
+            elif outcome.state == UNKNOWN:
+                self.sender.breaker.trip()
+                self.stop = (
+                    "not attempted: the mail server lost an earlier email's outcome "
+                    f"({outcome.error}); sending pauses (circuit breaker)",
+                    True,
+                )
+
+    def _keep_lease(self, connection: Connection) -> None:
+        """Renew the lease of the rows still to send, every quarter of a lease."""
+        now_m = self.sender.monotonic()
+        if now_m - self.renewed < self.renew_every:
+            return
+        self.renewed = now_m
+        ids = [job.id for job in self.builder.unsent()]
+        if ids:
+            sender = self.sender
+            with connection.begin():
+                connection.execute(states.renew(ids, now=sender.clock.now(), lease=sender.lease))
+
+    def _marker(
+        self, connection: Connection, fast: _EmailCommit, job: Job, report: BatchReport
+    ) -> Callable[[], bool]:
+        """The commit that records the outcomes so far and marks `job` sending: the fast one
+        when every outcome is `sent` (the usual case), else the general one (events, logs)."""
+        sender, outcomes = self.sender, self.outcomes
+        if all(outcome.state == SENT for outcome in outcomes):
+            return lambda: self._next_fast(fast, job, report)
+
+        def general() -> bool:
+            with connection.begin():
+                sender._record(connection, outcomes, report)
+                now = sender.clock.now()
+                params = _mark_params(job, now, sender.lease)
+                marked = connection.execute(states.MARK_SENDING, params).rowcount == 1
+            job.attempts += 1
+            return marked
+
+        return general
+
+    def _next_fast(self, fast: _EmailCommit, job: Job, report: BatchReport) -> bool:
+        """Record the message just sent and mark `job` sending, in one commit."""
+        # At most one: each send is preceded by a commit that records (and clears) the outcomes
+        # so far, and this path is taken only while all of them are `sent`, one per send.
+        outcomes = self.outcomes
+        assert len(outcomes) <= 1
+        previous = outcomes[0].job.id if outcomes else None
+        now = self.sender.clock.now()
+        recorded, marked = fast.commit(previous, _mark_params(job, now, self.sender.lease))
+        if previous is not None and not recorded:
+            _not_recorded(previous, SENT)
+        report.sent += recorded
+        outcomes.clear()
+        job.attempts += 1
+        return marked
+
+    def _send_one(self, job: Job, mark: _Mark) -> Outcome:
+        """Send one message; `mark` commits the row `sending` before any content goes out (and
+        raises _NotOurs if the row is no longer ours). A send that fails before the transport
+        called it is marked afterwards, so that every outcome is recorded from `sending`."""
+        sender = self.sender
+        try:
+            sender.transport.send(
+                sender.envelope_from,
+                job.recipient,
+                job.message,
+                before_content=mark,
+                while_waiting=self.builder.ahead,
+            )
+        except DeliveryError as e:
+            mark()  # first: _failure reads the attempts that marking counts
+            return sender._failure(job, e)
+        mark()  # a no-op: the transport called it (a transport that did not is not trusted)
+        return Outcome(job, SENT)
+
+
+def _mark_params(job: Job, now: datetime, lease: timedelta) -> dict[str, Any]:
+    assert job.message_id is not None
+    return states.mark_sending_params(job.id, job.due_at, job.message_id, now=now, lease=lease)
 
 
 class _Builder:
     """Renders and builds a batch's messages one at a time, outside any transaction, one ahead of
     the message being sent when the transport lets it (`ahead`, called while the server reads a
-    body). A broken campaign or template fails its row (still `claimed`, settled with the batch's
-    last commit): never half an email."""
+    body). A message that cannot be built, for any reason, fails its row alone (still `claimed`,
+    settled with the batch's last commit): never half an email, never a poison batch."""
 
     def __init__(self, sender: Sender, rows: list[Loaded], now: datetime) -> None:
         self.sender, self.now = sender, now
@@ -448,27 +572,19 @@ class _Builder:
         self.built: deque[Job] = deque()
         self.broken: list[tuple[int, str]] = []
         self.campaigns: dict[str, Campaign | DripError] = {}
-        self.error: Exception | None = None
 
     def next(self) -> Job | None:
         """The next message to send, or None when the batch is done."""
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
         self._build_one()
         return self.built.popleft() if self.built else None
 
     def ahead(self) -> None:
-        """Build the next message now; never raises (an error is raised by next())."""
-        if self.built or self.error is not None:
-            return
-        try:
+        """Build the next message now (never raises: a row that fails is settled as broken)."""
+        if not self.built:
             self._build_one()
-        except Exception as e:
-            self.error = e
 
-    def unsent(self) -> list[int]:
-        return [job.id for job in self.built] + [row.id for row in self.rows]
+    def unsent(self) -> list[Job]:
+        return list(self.built) + [_job(row) for row in self.rows]
 
     def settle_broken(self, connection: Connection, report: BatchReport) -> None:
         for delivery_id, reason in self.broken:
@@ -478,7 +594,7 @@ class _Builder:
     def _build_one(self) -> None:
         while self.rows and not self.built:
             row = self.rows.popleft()
-            job = Job(row.id, row.attempts, row.patient_id, row.email)
+            job = _job(row)
             campaign = self._campaign(row.campaign)
             if isinstance(campaign, DripError):
                 self.broken.append((row.id, f"render: {campaign}"))
@@ -487,6 +603,10 @@ class _Builder:
                 self.sender._build(job, campaign, row, self.now)
             except DripError as e:
                 self.broken.append((row.id, f"render: {e}"))
+                continue
+            except Exception as e:  # a bug or a broken file: this row fails, the batch goes on
+                log.exception("delivery %d could not be built", row.id)
+                self.broken.append((row.id, f"render: {type(e).__name__}: {e}"))
                 continue
             self.built.append(job)
 
@@ -501,8 +621,22 @@ class _Builder:
         return self.campaigns[slug]
 
 
+def _job(row: Loaded) -> Job:
+    return Job(
+        row.id,
+        row.attempts,
+        row.patient_id,
+        row.email,
+        row.due_at,
+        row.expires_at,
+        row.first_tried_at,
+        row.message_id,
+    )
+
+
 class _NotOurs(Exception):
-    """The row is no longer `claimed` by this task (another copy of it got there first)."""
+    """The row is no longer `claimed` with its plan, or its enrolment is no longer active: a
+    coordinator's change, or another copy of the task, got there first."""
 
 
 class _Mark:
@@ -524,81 +658,67 @@ class _Mark:
 class _EmailCommit:
     """The commit made once per email on the hot path, on the driver's own connection.
 
-    Two conditional UPDATEs: the rows just accepted by the server `sending` → `sent`, the next
-    row `claimed` → `sending`. Through SQLAlchemy they cost about 150 µs of Python per email, and
-    on SQLite the write lock is held meanwhile, so two worker processes keep running into it
-    (and SQLite's busy handler then sleeps for a whole millisecond). Here they are driver calls
-    with the SQL written once: the same statements, the same conditions, the values bound by the
-    columns' own SQLAlchemy types. The connection is idle as far as SQLAlchemy knows (no
-    transaction of its own is open), and every path ends in commit or rollback.
+    drip.states' RECORD_SENT (the row just accepted by the server `sending` → `sent`) and
+    MARK_SENDING (the next row `claimed` → `sending`, with its checks), compiled once for this
+    database and run as driver calls. Through SQLAlchemy's execution they cost about 150 µs of
+    Python per email, and on SQLite the write lock is held meanwhile. The connection is idle as
+    far as SQLAlchemy knows (no transaction of its own is open), and every path ends in commit or
+    rollback.
 
-    On PostgreSQL both UPDATEs are one statement (two data-modifying CTEs) run in autocommit
-    mode: the server runs it as a transaction of its own, so the commit is one round trip
-    instead of four (BEGIN, two UPDATEs, COMMIT), which halves its time.
+    On PostgreSQL both are one statement (two data-modifying CTEs) run in autocommit mode: the
+    server runs it as a transaction of its own, so the commit is one round trip instead of four
+    (BEGIN, two UPDATEs, COMMIT), which halves its time.
     """
+
+    INSTANTS = ("now", "lease_until", "planned_due")
 
     def __init__(self, connection: Connection) -> None:
         dialect = connection.dialect
         raw: Any = connection.connection.driver_connection
         self.raw, self.cursor = raw, raw.cursor()
         self.sqlite = dialect.name == "sqlite"
-        style = ":{}" if self.sqlite else "%({})s"  # sqlite3 named / psycopg pyformat
-        table = DELIVERIES.name
-
-        def mark(id_: str) -> str:
-            return (
-                f"UPDATE {table} SET state = '{SENDING}', attempts = attempts + 1, "
-                f"lease_until = {style.format('lease_until')}, updated_at = {style.format('now')} "
-                f"WHERE id = {style.format(id_)} AND state || '' = '{CLAIMED}'"
+        if self.sqlite:
+            named = sqlite.dialect(paramstyle="named")  # sqlite3 takes :name with a dict
+            self.mark = states.MARK_SENDING.compile(dialect=named)
+            self.sent = states.RECORD_SENT.compile(dialect=named)
+        else:
+            both = select(
+                select(func.count())
+                .select_from(states.RECORD_SENT.returning(D.id).cte("sent"))
+                .scalar_subquery(),
+                select(func.count())
+                .select_from(states.MARK_SENDING.returning(D.id).cte("marked"))
+                .scalar_subquery(),
             )
-
-        def sent(id_: str) -> str:
-            return (
-                f"UPDATE {table} SET state = '{SENT}', lease_until = NULL, "
-                f"updated_at = {style.format('now')}, message_id = {style.format('message_id')}, "
-                f"sent_at = {style.format('now')}, last_error = NULL "
-                f"WHERE id = {style.format(id_)} AND state || '' = '{SENDING}'"
-            )
-
-        self.mark_sql, self.sent_sql = mark("id"), sent("id")
-        self.both_sql = (
-            f"WITH sent AS ({sent('sent_id')} RETURNING id), "
-            f"marked AS ({mark('mark_id')} RETURNING id) "
-            "SELECT (SELECT count(*) FROM sent), (SELECT count(*) FROM marked)"
-        )
+            self.both = both.compile(dialect=dialect)
         process = D.updated_at.type.dialect_impl(dialect).bind_processor(dialect)
         self.instant: Callable[[datetime], Any] = process or (lambda value: value)
 
-    def commit(
-        self, previous: tuple[int, str] | None, mark: int, now: datetime, lease_until: datetime
-    ) -> tuple[int, bool]:
-        """Record `previous` (id, Message-ID), the message sent since the last commit if any, and
-        mark row `mark` sending: (rows recorded `sent`, whether `mark` is now ours)."""
-        at, until = self.instant(now), self.instant(lease_until)
+    def commit(self, previous: int | None, mark: dict[str, Any]) -> tuple[int, bool]:
+        """Record `previous`, the id of the message sent since the last commit if any, and mark
+        a row sending (MARK_SENDING's parameters): (rows recorded `sent`, whether the row
+        marked is now ours)."""
+        params = {k: self.instant(v) if k in self.INSTANTS else v for k, v in mark.items()}
         if self.sqlite:
-            recorded, marked = self._sqlite(previous, mark, at, until)
+            recorded, marked = self._sqlite(previous, params)
         else:
-            recorded, marked = self._postgresql(previous, mark, at, until)
+            recorded, marked = self._postgresql(previous, params)
         if previous is not None:
-            log.debug("delivery %d sent", previous[0])
+            log.debug("delivery %d sent", previous)
         return recorded, marked
 
     def close(self) -> None:
         self.cursor.close()
 
-    def _sqlite(
-        self, previous: tuple[int, str] | None, mark: int, at: Any, until: Any
-    ) -> tuple[int, bool]:
+    def _sqlite(self, previous: int | None, params: dict[str, Any]) -> tuple[int, bool]:
         cursor, recorded = self.cursor, 0
         try:
             begin_immediate(self.raw)  # the write lock, waited for in short steps
             if previous is not None:
-                delivery_id, message_id = previous
-                cursor.execute(
-                    self.sent_sql, {"id": delivery_id, "now": at, "message_id": message_id}
-                )
+                sent = self.sent.construct_params({"sent_id": previous, "now": params["now"]})
+                cursor.execute(self.sent.string, sent)
                 recorded = cursor.rowcount
-            cursor.execute(self.mark_sql, {"id": mark, "now": at, "lease_until": until})
+            cursor.execute(self.mark.string, self.mark.construct_params(params))
             marked = cursor.rowcount == 1
             self.raw.commit()
         except BaseException:
@@ -606,16 +726,11 @@ class _EmailCommit:
             raise
         return recorded, marked
 
-    def _postgresql(
-        self, previous: tuple[int, str] | None, mark: int, at: Any, until: Any
-    ) -> tuple[int, bool]:
-        sent_id, message_id = previous or (None, None)  # no id: the first CTE changes nothing
-        params = {"sent_id": sent_id, "message_id": message_id, "mark_id": mark}
+    def _postgresql(self, previous: int | None, params: dict[str, Any]) -> tuple[int, bool]:
+        values = self.both.construct_params(params | {"sent_id": previous})
         self.raw.autocommit = True  # the statement is a transaction of its own
         try:
-            self.cursor.execute(
-                self.both_sql, {**params, "now": at, "lease_until": until}, prepare=True
-            )
+            self.cursor.execute(self.both.string, values, prepare=True)
             recorded, marked = self.cursor.fetchone()
         finally:
             self.raw.autocommit = False
@@ -632,8 +747,8 @@ def _settle(
     due_at: datetime | None = None,
 ) -> None:
     """Settle one claimed row that will not be sent now (see Sender._hold), and count it."""
-    if not leave(
-        connection, [delivery_id], CLAIMED, now=now, state=state, error=reason, due_at=due_at
+    if not states.leave(
+        connection, [delivery_id], CLAIMED, state, now=now, error=reason, due_at=due_at
     ):
         report.not_ours += 1
     elif state == SCHEDULED:

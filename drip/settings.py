@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from drip.clock import Clock, parse_instant, read_clock_file
 from drip.errors import ConfigError
-from drip.planning import SendWindow
+from drip.planning import SendWindow, parse_duration
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 Parser = Callable[[str, str], dict[str, Any]]
@@ -33,6 +33,7 @@ class Settings:
     database_url: str = "sqlite:///var/drip.db"
     broker_url: str | None = None  # None: start a private Redis under var_dir
     mail_url: str = "file://var/outbox"
+    mail_timeout: float = 0.0  # seconds per SMTP wait (DRIP_MAIL_URL ?timeout=); 0: files
     secret_key: str = ""
     public_url: str = "http://127.0.0.1:8025"
     from_address: str = "Lakeside Wellness Clinic (demo) <care@clinic.example>"
@@ -49,6 +50,8 @@ class Settings:
     resources_url: str = "https://clinic.example/resources"
     tick_seconds: float = 5.0
     batch_size: int = 100
+    min_gap: timedelta = timedelta(hours=12)
+    retry_for: timedelta = timedelta(days=3)
     var_dir: Path = Path("var")
 
     @classmethod
@@ -61,9 +64,35 @@ class Settings:
             if raw:
                 values.update(parse(name, raw))
         settings = replace(cls(), **values)
+        settings.check_lease()
         if not settings.secret_key:
             settings = replace(settings, secret_key=stored_secret(settings.var_dir))
         return settings
+
+    @property
+    def slowest_send_seconds(self) -> float:
+        """The longest one send may take before the transport's timeout ends it: a pipelined
+        SMTP send waits twice (the envelope's replies, then the reply to the body), each wait
+        bounded by DRIP_MAIL_URL's `timeout`; a second more for the rest."""
+        return 2 * self.mail_timeout + 1
+
+    @property
+    def soft_deadline_seconds(self) -> float:
+        """When a batch stops taking new emails (seconds after it started): a send begun just
+        before it still ends before the lease and the hard time limit do."""
+        return self.lease_seconds - self.slowest_send_seconds
+
+    def check_lease(self) -> None:
+        """A row marked `sending` holds its lease for as long as its send may take; a lease too
+        short for that would turn slow sends `unknown`."""
+        if self.lease_seconds < 2 * self.slowest_send_seconds:
+            raise ConfigError(
+                f"DRIP_LEASE_SECONDS={self.lease_seconds} is too short for DRIP_MAIL_URL's "
+                f"timeout of {self.mail_timeout:g} s: one send may take "
+                f"{self.slowest_send_seconds:g} s; set DRIP_LEASE_SECONDS to at least "
+                f"{2 * self.slowest_send_seconds:.0f}, or "
+                "a lower ?timeout= on DRIP_MAIL_URL"
+            )
 
     def clock(self) -> Clock:
         return Clock(self.now, self.now_file)
@@ -129,8 +158,9 @@ def _mail_url(name: str, raw: str) -> dict[str, Any]:
     value = _url("mail_url", ("smtp", "smtps", "file"), "smtp://user:pass@mail.example:587")(
         name, raw
     )
-    open_transport(raw).close()
-    return value
+    transport = open_transport(raw)
+    transport.close()
+    return value | {"mail_timeout": float(getattr(transport, "timeout", 0.0))}
 
 
 def _int(field: str, low: int, high: int) -> Parser:
@@ -154,6 +184,21 @@ def _seconds(name: str, raw: str) -> dict[str, Any]:
     if not 0.1 <= value <= 3600:
         raise ConfigError(f"{name}={value} is out of range; use 0.1 to 3600 seconds")
     return {"tick_seconds": value}
+
+
+def _duration(field: str, low: timedelta, high: timedelta) -> Parser:
+    def parse(name: str, raw: str) -> dict[str, Any]:
+        try:
+            value = parse_duration(raw)
+        except ValueError:
+            raise ConfigError(
+                f"{name}={raw!r} is not a duration; set it like 12h, 3d or 1d12h"
+            ) from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name}={raw} is out of range; use {low} to {high}")
+        return {field: value}
+
+    return parse
 
 
 def _window(name: str, raw: str) -> dict[str, Any]:
@@ -243,4 +288,6 @@ _PARSERS = {
     "DRIP_RESOURCES_URL": _url("resources_url", ("http", "https"), "https://clinic.example/guides"),
     "DRIP_TICK_SECONDS": _seconds,
     "DRIP_BATCH_SIZE": _int("batch_size", 1, 10000),
+    "DRIP_MIN_GAP": _duration("min_gap", timedelta(0), timedelta(days=7)),
+    "DRIP_RETRY_FOR": _duration("retry_for", timedelta(minutes=1), timedelta(days=30)),
 }

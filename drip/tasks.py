@@ -22,6 +22,7 @@ from kombu.entity import Queue
 from sqlalchemy import Engine
 
 from drip import db
+from drip.breaker import RedisBreaker, relay_name
 from drip.broker import broker, redis_client
 from drip.sending import Sender
 from drip.settings import Settings
@@ -98,8 +99,10 @@ class Runtime:
 
     @cached_property
     def sender(self) -> Sender:
-        transport = open_transport(self.settings.mail_url)
-        return Sender(self.engine, self.settings, transport, self.settings.clock())
+        settings = self.settings
+        transport = open_transport(settings.mail_url)
+        breaker = RedisBreaker(self.redis, relay_name(settings.mail_url))
+        return Sender(self.engine, settings, transport, settings.clock(), breaker=breaker)
 
     @cached_property
     def ticker(self) -> Ticker:

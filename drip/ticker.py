@@ -72,7 +72,9 @@ class Ticker:
         if last is not None and last <= now < last + min(EXPIRE_EVERY, self.settings.lease / 10):
             return
         with transaction(self.engine) as session:
-            report.released, report.unknown = expire_leases(session, now=now)
+            report.released, report.unknown = expire_leases(
+                session, now=now, retry_for=self.settings.retry_for
+            )
         self._expired_at = now
 
     def _claim(self, batches: int, report: TickReport) -> None:

@@ -47,6 +47,7 @@ def test_only_due_rows_of_active_enrolments_are_claimed(drip: Drip, engine: Engi
     assert claim(engine) == []  # nothing else is due yet
     # a week later, everything planned by then is due; a paused enrolment's rows wait
     with engine.begin() as c:
+        c.execute(update(Delivery).where(Delivery.id.in_(ids)).values(state="sent"))
         c.execute(update(Enrolment).where(Enrolment.id == 1).values(status="paused"))
     later = claim(engine, NOW + timedelta(days=7))
     assert later and all(i not in ids for i in later)
@@ -77,10 +78,66 @@ def test_expired_leases_come_back_claimed_to_scheduled_sending_to_unknown(
     with db.transaction(engine) as session:
         assert expire_leases(session, now=NOW + LEASE + timedelta(minutes=2)) == (1, 1)
     now = states(engine)
-    assert now[a] == "scheduled" and now[b] == "unknown"
+    # claimed → retry: the worker holding it stopped; that counts as a try
+    assert now[a] == "retry" and now[b] == "unknown"
     with engine.connect() as c:
         assert "drip retry" in c.scalar(select(Delivery.last_error).where(Delivery.id == b))
+        assert c.scalar(select(Delivery.attempts).where(Delivery.id == a)) == 1
     assert claim(engine, NOW + LEASE + timedelta(minutes=3)) == [a]  # unknown is never resent
+
+
+def test_a_row_whose_lease_runs_out_again_and_again_fails_after_drip_retry_for(
+    drip: Drip, engine: Engine
+) -> None:
+    """No poison rows: a row that crashes every worker that takes it is not claimed for ever."""
+    enrol(drip, 1)
+    [a] = claim(engine)
+    later = NOW
+    for _ in range(3):
+        later += LEASE + timedelta(minutes=2)
+        with db.transaction(engine) as session:
+            assert expire_leases(session, now=later, retry_for=timedelta(hours=1)) == (1, 0)
+        assert claim(engine, later) == [a]
+    later += timedelta(hours=1)
+    with db.transaction(engine) as session:
+        expire_leases(session, now=later, retry_for=timedelta(hours=1))
+    assert states(engine)[a] == "failed"
+    assert a not in claim(engine, later + timedelta(days=1))
+
+
+def test_at_most_one_row_per_patient_is_in_flight(drip: Drip, engine: Engine) -> None:
+    """DRIP_MIN_GAP: a patient's overdue emails are not claimed together (no burst)."""
+    enrol(drip, 2)
+    month = NOW + timedelta(days=30)
+    first = claim(engine, month)
+    assert len(first) == 2  # one per patient, though all eight are due
+    assert claim(engine, month) == []  # nothing more while theirs are in flight
+    with engine.begin() as c:
+        c.execute(update(Delivery).where(Delivery.id.in_(first)).values(state="sent"))
+    second = claim(engine, month)
+    assert len(second) == 2 and not set(second) & set(first)
+
+
+def test_a_due_row_past_its_steps_age_is_skipped_not_claimed(drip: Drip, engine: Engine) -> None:
+    """The late policy holds at claim time: workers back after days away do not send
+    "getting ready for your first visit" after the visit."""
+    enrol(drip, 1)
+    with engine.begin() as c:
+        c.execute(update(Delivery).values(state="sent"))
+        c.execute(
+            update(Delivery)
+            .where(Delivery.step_key == "before-first-session")
+            .values(state="scheduled")
+        )
+    after_visit = datetime(2026, 11, 6, 15, 0, tzinfo=NOW.tzinfo)
+    assert claim(engine, after_visit) == []
+    with engine.connect() as c:
+        state, reason = c.execute(
+            select(Delivery.state, Delivery.last_error).where(
+                Delivery.step_key == "before-first-session"
+            )
+        ).one()
+    assert state == "skipped" and reason.startswith("stale")
 
 
 def test_release_gives_claimed_rows_back_at_once(drip: Drip, engine: Engine) -> None:
@@ -116,4 +173,4 @@ def test_concurrent_tickers_never_claim_the_same_row(drip: Drip, engine: Engine)
         planned = c.scalar(select(Delivery.id).where(Delivery.due_at.is_not(None)).limit(1))
     assert planned is not None
     assert set(every) == {i for i, s in states(engine).items() if s == "claimed"}
-    assert len(every) > 300 * 6  # every planned row of every patient
+    assert len(every) == 300  # one row of every patient: no more while it is in flight

@@ -89,7 +89,7 @@ def test_a_late_step_at_enrolment_follows_its_stale_policy(drip: Drip) -> None:
     ok(drip(*ANA, "--first-session", "2026-10-20"))
     plan = timeline(drip)
     assert plan["before-first-session"]["state"] == "skipped"
-    assert plan["before-first-session"]["note"] == "stale"
+    assert plan["before-first-session"]["note"].startswith("stale")
     assert plan["after-first-session"]["state"] == "skipped"
     assert plan["check-in"]["state"] == "scheduled"
     assert plan["after-series"]["due_at"] == "2026-11-10T15:00:00+00:00"
@@ -99,14 +99,20 @@ def test_reschedule_replans_only_the_steps_not_yet_sent(drip: Drip, engine: Engi
     ok(drip(*ANA, "--first-session", "2026-10-20"))
     with engine.begin() as c:  # the welcome went out, the check-in is on its way
         c.execute(update(Delivery).where(Delivery.step_key == "welcome").values(state="sent"))
-        c.execute(update(Delivery).where(Delivery.step_key == "check-in").values(state="claimed"))
+        c.execute(update(Delivery).where(Delivery.step_key == "check-in").values(state="sending"))
+        c.execute(
+            update(Delivery).where(Delivery.step_key == "after-series").values(state="claimed")
+        )
     before = timeline(drip)
     out = ok(drip("reschedule", "ana@example.com", "--first-session", "2026-11-20T09:30"))
     assert "2026-11-20 09:30" in out.stdout
+    assert "1 email was already on its way" in out.stdout
     after = timeline(drip)
     assert after["welcome"] == before["welcome"]  # sent: untouched
-    assert after["check-in"] == before["check-in"]  # claimed: untouched
-    assert after["treatment-plan"] == before["treatment-plan"]  # not anchored to the session
+    assert after["check-in"] == before["check-in"]  # on its way: beyond recall
+    # claimed by a batch but not yet sending: the coordinator's change wins
+    assert after["after-series"]["state"] == "scheduled"
+    assert after["treatment-plan"]["state"] == "scheduled"  # not anchored to the session
     # stale-skipped steps come back to life for the new date
     assert after["before-first-session"]["state"] == "scheduled"
     assert after["before-first-session"]["local_time"] == "2026-11-18T10:00:00-05:00"
@@ -138,9 +144,14 @@ def test_pause_holds_and_resume_replans_what_fell_due(drip: Drip, engine: Engine
     later = {"DRIP_NOW": "2026-11-06T15:00:00Z"}
     assert "resumed" in ok(drip("resume", "ana@example.com", env=later)).stdout
     plan = timeline(drip)
-    assert plan["treatment-plan"]["due_at"] == "2026-11-06T15:00:00+00:00"  # late: send now
+    # late ones go now, one at a time: each DRIP_MIN_GAP (12h) after the one before, in step
+    # order, inside the send window (09:00 EST is 14:00 UTC)
+    assert plan["welcome"]["due_at"] == "2026-11-06T15:00:00+00:00"
+    assert plan["treatment-plan"]["due_at"] == "2026-11-07T14:00:00+00:00"
+    assert plan["medications"]["due_at"] == "2026-11-08T14:00:00+00:00"
     assert plan["before-first-session"]["state"] == "skipped"  # useless after the visit
-    assert plan["after-first-session"]["due_at"] == "2026-11-06T15:00:00+00:00"  # within 3d
+    assert plan["after-first-session"]["due_at"] == "2026-11-09T14:00:00+00:00"  # within 3d
+    assert plan["after-first-session"]["state"] == "scheduled"
     assert plan["check-in"]["local_time"] == "2026-11-15T10:00:00-05:00"  # still ahead
     assert "not paused" in ok(drip("resume", "ana@example.com", env=later)).stdout
     with engine.connect() as c:

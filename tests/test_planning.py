@@ -56,7 +56,7 @@ def plan(
 def test_offset_in_days_lands_on_the_local_send_time_of_that_day() -> None:
     # Enrolled Wed 2026-06-10 15:00 New York (EDT, UTC-4); +1d at 10:00 → Thu 10:00 EDT.
     result = plan(enrolled=utc(2026, 6, 10, 19, 0))
-    assert result.state == "scheduled"
+    assert not result.stale
     assert result.due_at == utc(2026, 6, 11, 14, 0)
 
 
@@ -154,7 +154,7 @@ BEFORE = replace(
 
 def test_first_session_steps_wait_until_a_date_is_known() -> None:
     result = plan(BEFORE, enrolled=utc(2026, 6, 10, 15, 0))
-    assert result.state == "scheduled" and result.due_at is None
+    assert not result.stale and result.due_at is None
 
 
 def test_first_session_steps_are_anchored_to_its_local_date() -> None:
@@ -181,20 +181,20 @@ def test_a_late_step_with_send_policy_goes_at_the_next_open_moment() -> None:
 def test_a_late_step_with_skip_policy_still_goes_within_its_stated_age() -> None:
     now = utc(2026, 6, 18, 20, 0)  # 10 h after the planned 10:00 EDT
     result = plan(BEFORE, enrolled=now, first=FIRST)
-    assert result.state == "scheduled" and result.due_at == now
+    assert not result.stale and result.due_at == now
 
 
 def test_a_late_step_with_skip_policy_is_skipped_once_too_old() -> None:
     now = utc(2026, 6, 20, 2, 0)  # 36 h + 2 h after the planned time
     result = plan(BEFORE, enrolled=now, first=FIRST)
-    assert result.state == "skipped" and result.reason == "stale"
+    assert result.stale
 
 
 def test_skip_policy_counts_the_wait_for_the_window() -> None:
     # 34 h late at 20:00 EDT, and the window opens 13 h later: 47 h > 36 h, so skipped.
     now = utc(2026, 6, 20, 0, 0)  # 2026-06-19 20:00 EDT
     result = plan(BEFORE, enrolled=now, first=FIRST)
-    assert result.state == "skipped"
+    assert result.stale
 
 
 @pytest.mark.parametrize(
@@ -233,3 +233,32 @@ def test_bad_send_windows_are_refused(text: str) -> None:
 def test_send_window_prints_as_it_was_written() -> None:
     assert str(SendWindow.parse("08:30-20:00")) == "08:30-20:00"
     assert str(SendWindow.parse("00:00-24:00")) == "00:00-24:00"
+
+
+def test_steps_that_would_fall_closer_than_the_minimum_gap_are_spaced_by_it() -> None:
+    """Enrolled Mon 2026-11-02 with the first visit on Thu 11-05: "treatment-plan" (enrolled +1d
+    at 10:00) and "before-first-session" (visit -2d at 10:00) would land in the same minute."""
+    from drip.campaigns import load_campaign
+    from drip.planning import plan_steps
+    from drip.settings import Settings
+
+    campaign = load_campaign(Settings().templates_dir, "ketamine-onboarding")
+    zone = ZoneInfo("America/New_York")
+    enrolled = utc(2026, 11, 2, 15, 0)  # 10:00 EST
+    kwargs = {
+        "zone": zone,
+        "enrolled_at": enrolled,
+        "first_session": FirstSession(date(2026, 11, 5), time(11, 0)),
+        "window": WINDOW,
+        "now": enrolled,
+    }
+    unspaced = plan_steps(campaign.steps, gap=timedelta(0), **kwargs)  # type: ignore[arg-type]
+    spaced = plan_steps(campaign.steps, gap=timedelta(hours=12), **kwargs)  # type: ignore[arg-type]
+    keys = campaign.step_keys
+    at = {k: p.due_at for k, p in zip(keys, unspaced, strict=True)}
+    assert at["treatment-plan"] == at["before-first-session"]  # the collision, without a gap
+    times = sorted(p.due_at for p in spaced if p.due_at is not None and not p.stale)
+    assert all(b - a >= timedelta(hours=12) for a, b in zip(times, times[1:], strict=False))
+    moved = dict(zip(keys, spaced, strict=True))["before-first-session"]
+    assert moved.due_at is not None and moved.due_at.astimezone(zone).hour >= 9  # in the window
+    assert not moved.stale and moved.expires_at is not None and moved.due_at <= moved.expires_at

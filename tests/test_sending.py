@@ -21,11 +21,12 @@ from click.testing import Result
 from sqlalchemy import Engine, select, update
 
 from drip import db
-from drip.claims import claim_due, leave
+from drip.claims import claim_due
+from drip.states import leave
 from drip.clock import Clock
 from drip.errors import TransientDeliveryError
 from drip.models import Delivery, Enrolment, Event, Patient
-from drip.sending import BACKOFF_BASE, BACKOFF_CAP, MAX_ATTEMPTS, Sender, backoff
+from drip.sending import BACKOFF_BASE, BACKOFF_CAP, Sender, backoff
 from drip.settings import Settings
 from drip.transports import MemoryTransport, Transport, open_transport
 from tests.smtp_servers import CapturingServer, ScriptedServer
@@ -211,12 +212,14 @@ def test_421_at_greeting_retries_and_the_rest_of_the_batch_waits(
     with ScriptedServer({"CONNECT": closing}) as server:
         with smtp(server.port) as transport:
             report = sender(engine, settings, transport).send_batch(ids)
-    assert report.retry == 4 and report.sent == 0
+    assert (report.retry, report.given_back, report.sent) == (2, 2, 0)
     after = [rows(engine)[i] for i in ids]
     assert all(d.state == "retry" and d.due_at > NOW for d in after)
-    # two were attempted (and counted); the other two were not tried against a failing server
-    assert sorted(d.attempts for d in after) == [0, 0, 1, 1]
-    assert all("421" in d.last_error or "not attempted" in d.last_error for d in after)
+    # two were attempted; the other two were not tried against a failing server, and being
+    # given back counts as a try too (so no row goes round for ever), with the true reason
+    assert [d.attempts for d in after] == [1, 1, 1, 1]
+    assert all("421" in d.last_error for d in after)
+    assert sum("not attempted: the mail server was failing" in d.last_error for d in after) == 2
 
 
 def test_a_connection_dropped_after_data_is_unknown_and_never_resent(
@@ -234,20 +237,28 @@ def test_a_connection_dropped_after_data_is_unknown_and_never_resent(
     assert ids[0] not in later
 
 
-def test_transient_failures_give_up_after_the_stated_number_of_attempts(
+def test_transient_failures_are_retried_for_drip_retry_for_then_fail(
     enrolled: Callable[..., None], engine: Engine, settings: Settings
 ) -> None:
+    """An outage of an hour must not lose mail: retries go on for DRIP_RETRY_FOR (3 days by
+    default) from the first try, whatever the number of attempts, then the row fails."""
     enrolled()
     [delivery_id] = claim(engine)
     with engine.begin() as c:
+        c.execute(update(Delivery).where(Delivery.id == delivery_id).values(attempts=20))
+    failing = [TransientDeliveryError("451 4.4.1 timeout")]
+    report = sender(engine, settings, MemoryTransport(failing)).send_batch([delivery_id])
+    assert report.retry == 1 and rows(engine)[delivery_id].state == "retry"  # 21 tries, 0 days
+    with engine.begin() as c:  # first tried more than DRIP_RETRY_FOR ago
         c.execute(
-            update(Delivery).where(Delivery.id == delivery_id).values(attempts=MAX_ATTEMPTS - 1)
+            update(Delivery)
+            .where(Delivery.id == delivery_id)
+            .values(state="claimed", first_tried_at=NOW - settings.retry_for)
         )
-    transport = MemoryTransport([TransientDeliveryError("451 4.4.1 timeout")])
-    assert sender(engine, settings, transport).send_batch([delivery_id]).failed == 1
+    report = sender(engine, settings, MemoryTransport(failing)).send_batch([delivery_id])
     delivery = rows(engine)[delivery_id]
-    assert delivery.state == "failed" and delivery.attempts == MAX_ATTEMPTS
-    assert f"gave up after {MAX_ATTEMPTS} attempts" in delivery.last_error
+    assert report.failed == 1 and delivery.state == "failed" and delivery.attempts == 22
+    assert "gave up after 22 tries over 3.0 days: 451 4.4.1 timeout" in delivery.last_error
 
 
 @pytest.mark.parametrize("attempts", [1, 2, 3, 5, 8, 20])
@@ -300,7 +311,7 @@ def test_a_reason_longer_than_the_column_is_stored_cut_not_refused(
     ids = claim(engine)
     reason = "render: " + "x" * 600
     with engine.begin() as c:
-        assert leave(c, ids, "claimed", now=NOW, state="failed", error=reason) == 1
+        assert leave(c, ids, "claimed", "failed", now=NOW, error=reason) == 1
     delivery = rows(engine)[ids[0]]
     assert delivery.state == "failed" and delivery.lease_until is None
     assert delivery.last_error == reason[:500]

@@ -191,7 +191,7 @@ def pipeline(db_url: str, redis_url: str, tmp_path: Path, engine: Engine) -> Ite
         env = clean | {
             "DRIP_DATABASE_URL": db_url,
             "DRIP_BROKER_URL": redis_url,
-            "DRIP_MAIL_URL": f"smtp://127.0.0.1:{smtp.port}",
+            "DRIP_MAIL_URL": f"smtp://127.0.0.1:{smtp.port}?timeout=2",  # fits the short lease
             "DRIP_NOW_FILE": str(now_file),
             "DRIP_SECRET_KEY": "pipeline-test",
             "DRIP_TICK_SECONDS": "0.2",

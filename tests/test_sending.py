@@ -22,12 +22,12 @@ from sqlalchemy import Engine, select, update
 
 from drip import db
 from drip.claims import claim_due
-from drip.states import leave
 from drip.clock import Clock
 from drip.errors import TransientDeliveryError
 from drip.models import Delivery, Enrolment, Event, Patient
 from drip.sending import BACKOFF_BASE, BACKOFF_CAP, Sender, backoff
 from drip.settings import Settings
+from drip.states import leave
 from drip.transports import MemoryTransport, Transport, open_transport
 from tests.smtp_servers import CapturingServer, ScriptedServer
 

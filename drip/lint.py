@@ -53,6 +53,7 @@ from drip.rendering import (
     STEP_VARIABLES,
     Renderer,
     environment,
+    read_template,
     template_names,
 )
 from drip.settings import Settings
@@ -260,9 +261,13 @@ class _Linter:
         path = self.root / name
         step = step_key if name.startswith(f"{folder}/") else None
         try:
-            tree = self.env.parse(path.read_text(encoding="utf-8"), name, str(path))
+            tree = self.env.parse(read_template(path), name, str(path))
         except jinja2.TemplateSyntaxError as e:
             self.add(path, e.lineno, step, "template", e.message or "syntax error")
+            self.file_ok[name] = False
+            return False
+        except TemplateError as e:
+            self.add(path, None, step, "template", str(e).removeprefix(f"{path}: "))
             self.file_ok[name] = False
             return False
         ok = self._variables(tree, path, step)

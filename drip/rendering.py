@@ -205,11 +205,36 @@ def template_names(campaign: Campaign, step_key: str, root: Path) -> tuple[str, 
     return f"{folder}/{step_key}.html.j2", f"{folder}/{step_key}.txt.j2"
 
 
+def read_template(path: Path) -> str:
+    """A template's text; a file that is not UTF-8 is a TemplateError naming it, not a crash."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TemplateError(
+            f"{path}: is not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+class _Loader(jinja2.FileSystemLoader):
+    """FileSystemLoader that reads through read_template."""
+
+    def get_source(
+        self, environment: jinja2.Environment, template: str
+    ) -> tuple[str, str, Callable[[], bool]]:
+        try:
+            return super().get_source(environment, template)
+        except UnicodeDecodeError:
+            for root in self.searchpath:
+                read_template(Path(root) / template)
+            raise
+
+
 def environment(root: Path, *, autoescape: bool) -> jinja2.Environment:
     """The Jinja environment for templates under `root`: the renderer and the linter both use it,
     so a template parses the same (same whitespace control) wherever it is read."""
     return jinja2.Environment(
-        loader=jinja2.FileSystemLoader([root]),
+        loader=_Loader([root]),
         autoescape=autoescape,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,

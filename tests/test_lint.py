@@ -357,3 +357,14 @@ def test_the_word_list_covers_drugs_conditions_and_revealing_treatment_words() -
     for word in ("ketamine", "esketamine", "spravato", "depression", "anxiety", "ptsd",
                  "suicidal", "mental health", "infusion", "psychedelic", "dose"):  # fmt: skip
         assert word in SENSITIVE_WORDS
+
+
+def test_a_template_that_is_not_utf8_is_a_finding_with_its_file_not_a_traceback(
+    validate: Validate, templates: Path
+) -> None:
+    step_file(templates, "welcome", "txt").write_bytes(b"\xff\xfe Hello {{ first_name }}\n")
+    result = validate(templates)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"emails/{CAMPAIGN}/welcome.txt.j2: is not UTF-8 text" in result.stdout
+    (finding,) = [f for f in findings(validate, templates) if "UTF-8" in f["message"]]
+    assert finding["file"] == f"emails/{CAMPAIGN}/welcome.txt.j2"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email import policy
@@ -263,3 +264,19 @@ def test_send_test_says_clearly_when_the_mail_server_fails(drip: Drip, engine: E
 def test_send_test_refuses_an_unknown_step(drip: Drip) -> None:
     result = drip("send-test", CAMPAIGN, "nope", "--to", "me@clinic.example")
     assert result.exit_code == 1 and "its steps are" in result.stderr
+
+
+def test_a_template_that_is_not_utf8_is_named_not_a_traceback(tmp_path: Path) -> None:
+    templates = tmp_path / "emails"
+    shutil.copytree(Settings().templates_dir, templates)
+    (templates / CAMPAIGN / "welcome.txt.j2").write_bytes(b"\xff\xfe {{ first_name }}\n")
+    environ = {
+        "DRIP_SECRET_KEY": "test-secret",
+        "DRIP_TEMPLATES_DIR": str(templates),
+        "DRIP_DATABASE_URL": f"sqlite:///{tmp_path / 'not-used.db'}",
+    }
+    result = CliRunner().invoke(
+        cli, ["preview", CAMPAIGN, "welcome", "--format", "text"], obj=App(environ=environ)
+    )
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert "welcome.txt.j2: is not UTF-8 text" in result.output

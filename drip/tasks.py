@@ -10,6 +10,7 @@ renderer and SMTP connection on first use (after the fork), and reuses them.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from drip.settings import Settings
 from drip.ticker import Ticker
 from drip.transports import open_transport
 
+log = logging.getLogger("drip.tasks")
 SEND_QUEUE = "drip"
 TICK_QUEUE = "drip.tick"
 VISIBILITY_TIMEOUT = 3600  # seconds; see configure()
@@ -102,6 +104,14 @@ class Runtime:
         settings = self.settings
         transport = open_transport(settings.mail_url)
         breaker = RedisBreaker(self.redis, relay_name(settings.mail_url))
+        log.info(
+            "a batch of %d at the slowest send the mail timeout allows (%g s) could take %g s; "
+            "it renews its lease and stops taking new emails after %g s",
+            settings.batch_size,
+            settings.slowest_send_seconds,
+            settings.batch_size * settings.slowest_send_seconds,
+            settings.soft_deadline_seconds,
+        )
         return Sender(self.engine, settings, transport, settings.clock(), breaker=breaker)
 
     @cached_property

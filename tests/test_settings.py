@@ -35,7 +35,7 @@ def test_every_variable_is_read() -> None:
     env = {
         "DRIP_DATABASE_URL": "postgresql://drip@db/drip",
         "DRIP_BROKER_URL": "redis://redis:6379/0",
-        "DRIP_MAIL_URL": "smtps://u:p@mail.example:465",
+        "DRIP_MAIL_URL": "smtps://u:p@mail.example:465?timeout=10",
         "DRIP_SECRET_KEY": "k",
         "DRIP_PUBLIC_URL": "https://drip.example/",
         "DRIP_FROM": "Clinic <care@clinic.example>",
@@ -52,7 +52,7 @@ def test_every_variable_is_read() -> None:
     }
     s = Settings.from_env(env)
     assert s.database_url == env["DRIP_DATABASE_URL"] and s.broker_url == env["DRIP_BROKER_URL"]
-    assert s.mail_url == env["DRIP_MAIL_URL"] and s.secret_key == "k"
+    assert s.mail_url == env["DRIP_MAIL_URL"] and s.secret_key == "k" and s.mail_timeout == 10
     assert s.public_url == "https://drip.example"
     assert s.from_address == env["DRIP_FROM"] and str(s.send_window) == "08:00-20:00"
     assert s.now == datetime(2026, 11, 1, 14, 0, tzinfo=UTC)
@@ -84,6 +84,10 @@ def test_every_variable_is_read() -> None:
         ("DRIP_TICK_SECONDS", "0", "out of range"),
         ("DRIP_BATCH_SIZE", "-3", "out of range"),
         ("DRIP_CLINIC_NAME", "two\nlines", "control character"),
+        ("DRIP_MIN_GAP", "twelve hours", "12h"),
+        ("DRIP_MIN_GAP", "30d", "out of range"),
+        ("DRIP_RETRY_FOR", "forever", "3d"),
+        ("DRIP_RETRY_FOR", "0d", "out of range"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_the_fix(name: str, value: str, message: str) -> None:
@@ -108,3 +112,26 @@ def test_drip_now_starts_the_clock_there_and_lets_it_run() -> None:
 def test_without_drip_now_the_clock_is_real() -> None:
     now = Settings.from_env({"DRIP_SECRET_KEY": "k"}).clock().now()
     assert abs(now - datetime.now(UTC)) < timedelta(seconds=1)
+
+
+def test_gap_and_retry_age_have_defaults_and_take_durations() -> None:
+    default = Settings.from_env({"DRIP_SECRET_KEY": "k"})
+    assert default.min_gap == timedelta(hours=12) and default.retry_for == timedelta(days=3)
+    s = Settings.from_env({"DRIP_MIN_GAP": "1d", "DRIP_RETRY_FOR": "5d", "DRIP_SECRET_KEY": "k"})
+    assert s.min_gap == timedelta(days=1) and s.retry_for == timedelta(days=5)
+
+
+def test_a_lease_too_short_for_the_mail_timeout_is_refused_at_start_up() -> None:
+    """A row marked `sending` must hold its lease for the longest send the timeout allows, or
+    a slow relay turns sends `unknown`."""
+    env = {"DRIP_MAIL_URL": "smtp://mail.example:587", "DRIP_SECRET_KEY": "k"}
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env | {"DRIP_LEASE_SECONDS": "60"})
+    message = str(caught.value)
+    assert "DRIP_LEASE_SECONDS=60" in message and "timeout of 30 s" in message
+    assert "at least 122" in message
+    ok = Settings.from_env(
+        env | {"DRIP_LEASE_SECONDS": "60", "DRIP_MAIL_URL": env["DRIP_MAIL_URL"] + "?timeout=10"}
+    )
+    assert ok.slowest_send_seconds == 21 and ok.soft_deadline_seconds == 39
+    assert Settings.from_env(env).soft_deadline_seconds == 300 - 61  # the defaults fit

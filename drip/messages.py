@@ -235,13 +235,22 @@ def _quoted_printable(text: str) -> bytes:
 
 @lru_cache(maxsize=4096)
 def _quoted_printable_line(line: str) -> bytes:
-    """One line (without its end) encoded, with its CRLF."""
+    """One line (without its end) encoded, with its CRLF.
+
+    b2a_qp is fast but not quite right for mail: it lets a line start with "." or "From ", and it
+    checks the length of a line ending in a space or tab before writing that whitespace as "=20",
+    so `"x" * 74 + " "` comes out 77 characters long. Both can only happen on a line that starts
+    badly or that has a soft break (so more than 78 bytes with its CRLF); only those are split."""
     # b2a_qp writes CRLF soft breaks only when the data's first line end is a CRLF.
     encoded = binascii.b2a_qp(line.encode("utf-8") + CRLF, istext=True)
-    if _unsafe(encoded) or b"\n." in encoded or b"\nFrom " in encoded:  # memchr-fast
-        lines = encoded.split(CRLF)
-        encoded = CRLF.join(_rewrap(line) if _unsafe(line) else line for line in lines)
+    if len(encoded) > 78 or _unsafe(encoded):
+        encoded = CRLF.join(map(_mail_safe, encoded.split(CRLF)))
     return encoded
+
+
+def _mail_safe(line: bytes) -> bytes:
+    """One encoded line as it may go out: re-broken if too long or if it starts badly."""
+    return _rewrap(line) if len(line) > 76 or _unsafe(line) else line
 
 
 def _unsafe(line: bytes) -> bool:
@@ -249,7 +258,8 @@ def _unsafe(line: bytes) -> bool:
 
 
 def _rewrap(line: bytes) -> bytes:
-    """Re-break one encoded line, encoding a '.' or 'F' that would start any of its lines."""
+    """Re-break one encoded line into lines of at most 76 characters, encoding a '.' or 'F'
+    that would start any of them."""
     soft = line.endswith(b"=")
     lines, current = [], b""
     for unit in _QP_UNIT.findall(line[:-1] if soft else line):

@@ -60,6 +60,13 @@ class Recipient:
     patient_id: int
 
 
+SAMPLE_PATIENT = Recipient(
+    email="alex.sample@example.com", first_name="Alex", last_name="Sample", patient_id=0
+)
+"""Who previews and the linter write to when no patient is named. Clearly sample data:
+example.com is reserved (RFC 2606); no patient has id 0."""
+
+
 @dataclass(frozen=True)
 class Composed:
     """One email ready to go: its Message-ID, its bytes, and the content they were built from."""

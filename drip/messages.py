@@ -246,13 +246,18 @@ def _quoted_printable_line(line: str) -> bytes:
 
     b2a_qp is fast but not quite right for mail: it lets a line start with "." or "From ", and it
     checks the length of a line ending in a space or tab before writing that whitespace as "=20",
-    so `"x" * 74 + " "` comes out 77 characters long. Both can only happen on a line that starts
-    badly or that has a soft break (so more than 78 bytes with its CRLF); only those are split."""
+    so `"x" * 74 + " "` comes out 77 characters long. Only such output is split and re-broken."""
     # b2a_qp writes CRLF soft breaks only when the data's first line end is a CRLF.
     encoded = binascii.b2a_qp(line.encode("utf-8") + CRLF, istext=True)
-    if len(encoded) > 78 or _unsafe(encoded):
+    if _unsafe(encoded) or b"\n." in encoded or b"\nFrom " in encoded or _last_too_long(encoded):
         encoded = CRLF.join(map(_mail_safe, encoded.split(CRLF)))
     return encoded
+
+
+def _last_too_long(encoded: bytes) -> bool:
+    """Whether the last line of b2a_qp's output (the only one it can make too long, by widening
+    its final whitespace) is over 76 characters without its CRLF; searched from the end."""
+    return len(encoded) - encoded.rfind(b"\n", 0, -2) - 3 > 76
 
 
 def _mail_safe(line: bytes) -> bytes:

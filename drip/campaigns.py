@@ -25,8 +25,8 @@ from datetime import time, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from drip.durations import parse_clock_time, parse_duration
 from drip.errors import CampaignError, NotFound
-from drip.planning import parse_clock_time, parse_duration
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 STEP_KEY = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")

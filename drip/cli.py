@@ -510,9 +510,10 @@ def send_test(app: App, campaign: str, step: str, to: str, email: str | None) ->
 def _recipient(app: App, email: str | None) -> Recipient:
     """An enrolled patient (from the database) or the sample one (no database needed)."""
     from drip import preview
+    from drip.messages import SAMPLE_PATIENT
 
     if email is None:
-        return preview.SAMPLE_PATIENT
+        return SAMPLE_PATIENT
     with app.transaction() as session:
         return preview.recipient(session, email)
 

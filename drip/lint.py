@@ -17,9 +17,9 @@ For each campaign in the templates dir it checks, in this order:
     size          the rendered, inlined HTML is at most 100 KB (Gmail clips messages at 102 KB)
     grade         the text part reads at Flesch-Kincaid grade 8 or below
 
-Each step is rendered the way the worker sends it (drip.messages.compose, for the sample patient of
-drip.preview) and the footer and grade checks read the message back with Python's email parser, so
-they see what a mail client sees. The grade is computed exactly as shared/tools/check_email.py does
+Each step is rendered the way the worker sends it (drip.messages.compose, for its SAMPLE_PATIENT)
+and the footer and grade checks read the message back with Python's email parser, so they see what
+a mail client sees. The grade is computed exactly as shared/tools/check_email.py does
 it: textstat 0.7.4's flesch_kincaid_grade over the whole text/plain part, footer included, with
 URLs, addresses and [n] references blanked out.
 
@@ -45,8 +45,7 @@ from jinja2 import meta, nodes
 
 from drip.campaigns import SLUG, Campaign, Step, campaign_slugs, load_campaign
 from drip.errors import DripError, NotFound, TemplateError
-from drip.messages import compose
-from drip.preview import SAMPLE_PATIENT
+from drip.messages import SAMPLE_PATIENT, compose
 from drip.rendering import (
     PATIENT_VARIABLES,
     PROCESS_VARIABLES,

@@ -60,6 +60,13 @@ class Recipient:
     patient_id: int
 
 
+SAMPLE_PATIENT = Recipient(
+    email="alex.sample@example.com", first_name="Alex", last_name="Sample", patient_id=0
+)
+"""Who previews and the linter write to when no patient is named. Clearly sample data:
+example.com is reserved (RFC 2606); no patient has id 0."""
+
+
 @dataclass(frozen=True)
 class Composed:
     """One email ready to go: its Message-ID, its bytes, and the content they were built from."""
@@ -237,13 +244,27 @@ def _quoted_printable(text: str) -> bytes:
 
 @lru_cache(maxsize=4096)
 def _quoted_printable_line(line: str) -> bytes:
-    """One line (without its end) encoded, with its CRLF."""
+    """One line (without its end) encoded, with its CRLF.
+
+    b2a_qp is fast but not quite right for mail: it lets a line start with "." or "From ", and it
+    checks the length of a line ending in a space or tab before writing that whitespace as "=20",
+    so `"x" * 74 + " "` comes out 77 characters long. Only such output is split and re-broken."""
     # b2a_qp writes CRLF soft breaks only when the data's first line end is a CRLF.
     encoded = binascii.b2a_qp(line.encode("utf-8") + CRLF, istext=True)
-    if _unsafe(encoded) or b"\n." in encoded or b"\nFrom " in encoded:  # memchr-fast
-        lines = encoded.split(CRLF)
-        encoded = CRLF.join(_rewrap(line) if _unsafe(line) else line for line in lines)
+    if _unsafe(encoded) or b"\n." in encoded or b"\nFrom " in encoded or _last_too_long(encoded):
+        encoded = CRLF.join(map(_mail_safe, encoded.split(CRLF)))
     return encoded
+
+
+def _last_too_long(encoded: bytes) -> bool:
+    """Whether the last line of b2a_qp's output (the only one it can make too long, by widening
+    its final whitespace) is over 76 characters without its CRLF; searched from the end."""
+    return len(encoded) - encoded.rfind(b"\n", 0, -2) - 3 > 76
+
+
+def _mail_safe(line: bytes) -> bytes:
+    """One encoded line as it may go out: re-broken if too long or if it starts badly."""
+    return _rewrap(line) if len(line) > 76 or _unsafe(line) else line
 
 
 def _unsafe(line: bytes) -> bool:
@@ -251,7 +272,8 @@ def _unsafe(line: bytes) -> bool:
 
 
 def _rewrap(line: bytes) -> bytes:
-    """Re-break one encoded line, encoding a '.' or 'F' that would start any of its lines."""
+    """Re-break one encoded line into lines of at most 76 characters, encoding a '.' or 'F'
+    that would start any of them."""
     soft = line.endswith(b"=")
     lines, current = [], b""
     for unit in _QP_UNIT.findall(line[:-1] if soft else line):

@@ -7,36 +7,15 @@ the patient's, through zoneinfo, so DST shifts are handled: a wall-clock time th
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import TYPE_CHECKING
 
+from drip.durations import parse_clock_time
+
 if TYPE_CHECKING:
     from drip.campaigns import Step
-
-_DURATION = re.compile(r"^(?P<sign>[+-])?(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?$")
-_HHMM = re.compile(r"^(\d{1,2}):(\d{2})$")
-
-
-def parse_duration(text: str) -> timedelta:
-    """'+1d', '-2d', '36h', '1d12h', '0d' → timedelta. Raises ValueError."""
-    match = _DURATION.match(text.strip())
-    if not match or not any(match.group(g) for g in "dhm"):
-        raise ValueError(f"{text!r} is not a duration like +1d, -2d, 36h or 1d12h")
-    value = timedelta(
-        days=int(match["d"] or 0), hours=int(match["h"] or 0), minutes=int(match["m"] or 0)
-    )
-    return -value if match["sign"] == "-" else value
-
-
-def parse_clock_time(text: str) -> time:
-    """'09:30' → time(9, 30). Raises ValueError."""
-    match = _HHMM.match(text.strip())
-    if not match or int(match[1]) > 23 or int(match[2]) > 59:
-        raise ValueError(f"{text!r} is not a time of day like 09:30")
-    return time(int(match[1]), int(match[2]))
 
 
 def local_to_utc(day: date, at: time, zone: tzinfo) -> datetime:

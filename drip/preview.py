@@ -18,16 +18,11 @@ from drip import events
 from drip.campaigns import Campaign
 from drip.enrolment import find_patient
 from drip.errors import DeliveryError, InputError
-from drip.messages import Composed, Recipient, compose, envelope_from
+from drip.messages import SAMPLE_PATIENT, Composed, Recipient, compose, envelope_from
 from drip.patients import check_email
 from drip.rendering import Renderer
 from drip.settings import Settings
 from drip.transports import Transport
-
-SAMPLE_PATIENT = Recipient(
-    email="alex.sample@example.com", first_name="Alex", last_name="Sample", patient_id=0
-)
-"""Clearly sample data: example.com is reserved (RFC 2606); no patient has id 0."""
 
 FORMATS = ("html", "text", "eml")
 SUFFIXES = {"html": ".html", "text": ".txt", "eml": ".eml"}

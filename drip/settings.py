@@ -19,8 +19,9 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from drip.clock import Clock, parse_instant, read_clock_file
+from drip.durations import parse_duration
 from drip.errors import ConfigError
-from drip.planning import SendWindow, parse_duration
+from drip.planning import SendWindow
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 Parser = Callable[[str, str], dict[str, Any]]

@@ -7,13 +7,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from drip.campaigns import Step
-from drip.planning import (
-    FirstSession,
-    SendWindow,
-    parse_clock_time,
-    parse_duration,
-    plan_step,
-)
+from drip.durations import parse_clock_time, parse_duration
+from drip.planning import FirstSession, SendWindow, plan_step
 
 NY = ZoneInfo("America/New_York")
 LONDON = ZoneInfo("Europe/London")

@@ -18,12 +18,14 @@ from drip.errors import (
     UnknownOutcomeError,
 )
 from drip.transports import (
+    AfterContent,
     FileTransport,
     MemoryTransport,
     SMTPTransport,
-    _envelope_address,
+    mail_timeout,
     open_transport,
 )
+from drip.transports.smtp import _envelope_address
 from tests.smtp_servers import (
     DROP,
     HOST,
@@ -699,6 +701,35 @@ def test_the_memory_transport_records_and_replays_scripted_failures() -> None:
     assert memory.attempts == 4 and memory.closed
 
 
+def test_the_memory_transport_fails_before_or_after_content_as_scripted() -> None:
+    """A plain failure never reaches `before_content` (nothing was marked `sending`); one wrapped
+    in AfterContent is raised once it has returned, as a server that takes the body and then
+    drops the connection."""
+    refused = TransientDeliveryError("451 try later")
+    lost = UnknownOutcomeError("connection lost after the body")
+    memory = MemoryTransport([refused, AfterContent(lost), None])
+    calls: list[str] = []
+    for recipient, error in [("a@x.example", refused), ("b@x.example", lost)]:
+        with pytest.raises(type(error)) as failure:
+            memory.send(SENDER, recipient, b"m", before_content=lambda r=recipient: calls.append(r))
+        assert failure.value is error
+    memory.send(SENDER, "c@x.example", b"3", before_content=lambda: calls.append("c@x.example"))
+    assert calls == ["b@x.example", "c@x.example"]
+    assert memory.messages == [(SENDER, "c@x.example", b"3")]
+    assert memory.attempts == 3
+
+
+def test_the_memory_transport_raises_what_before_content_raises_and_records_nothing() -> None:
+    memory = MemoryTransport([AfterContent(UnknownOutcomeError("never reached"))])
+
+    def paused() -> None:
+        raise RuntimeError("the enrolment was paused")
+
+    with pytest.raises(RuntimeError, match="paused"):
+        memory.send(SENDER, PATIENT, MESSAGE, before_content=paused)
+    assert memory.messages == [] and memory.failures == []
+
+
 # --- DRIP_MAIL_URL ------------------------------------------------------------------------
 
 
@@ -716,6 +747,14 @@ def test_open_transport_reads_smtps_urls_and_a_timeout() -> None:
     smtp = open_transport("smtps://u:p@mail.example?timeout=2.5")
     assert isinstance(smtp, SMTPTransport)
     assert (smtp.port, smtp.tls, smtp.timeout) == (465, "implicit", 2.5)
+
+
+def test_mail_timeout_is_the_urls_timeout_the_default_or_none_for_a_folder() -> None:
+    assert mail_timeout("smtps://u:p@mail.example?timeout=2.5") == 2.5
+    assert mail_timeout("smtp://mail.example") == 30.0
+    assert mail_timeout("file://var/outbox") is None
+    with pytest.raises(ConfigError, match="timeout="):
+        mail_timeout("smtp://mail.example?timeout=0")
 
 
 def test_open_transport_reads_absolute_and_relative_file_urls() -> None:

@@ -1,24 +1,10 @@
-"""Mail transports: hand one finished message to an SMTP server, a folder, or a list in memory.
+"""Delivery over SMTP, speaking DATA itself so that each failure says what a retry would do.
 
-Why the SMTP transport speaks DATA itself: SMTP cannot deliver exactly once. Between the moment the
-message body starts going out and the server's final reply, a lost connection leaves the outcome
-unknown: the server may have queued the message and died before answering. `smtplib.sendmail`
-reports that case like any other disconnection, so a caller that retries would send twice. Here
-each failure says what the caller's retry policy should do:
-
-    TransientDeliveryError   nothing was accepted: retry later, with back-off. A 4xx reply, a
-                             refused, dropped or timed-out connection before the body went out,
-                             421 at the greeting, and every problem in setting up the session
-                             (TLS, authentication, a server that requires authentication) so
-                             that a configuration mistake delays mail instead of losing it.
-    PermanentDeliveryError   the server refused this message with a 5xx reply to MAIL, RCPT or
-                             after the body: never retry. `.bad_mailbox` (5.1.x) means the
-                             address itself is bad and should be suppressed.
-    UnknownOutcomeError      lost after the body started going out and before the final reply:
-                             the message may have been delivered. Do not resend automatically.
-
-Error messages carry the SMTP code, the enhanced status (RFC 3463) and the server's text with
-anything that looks like an address replaced by "[address]"; never the recipient or the message.
+Why not `smtplib.sendmail`: SMTP cannot deliver exactly once. Between the moment the message body
+starts going out and the server's final reply, a lost connection leaves the outcome unknown: the
+server may have queued the message and died before answering. `sendmail` reports that case like
+any other disconnection, so a caller that retries would send twice. Here each failure is one of
+the classes drip.transports.errors describes: transient, permanent, or unknown outcome.
 
 Speed comes from reusing one connection for many messages and, when the server offers PIPELINING
 (RFC 2920), from writing MAIL, RCPT and DATA at once: two round trips per message (the commands,
@@ -32,186 +18,35 @@ inherited over fork() is never used.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import re
-import secrets
 import smtplib
 import socket
 import ssl
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from functools import cache
-from pathlib import Path
-from types import TracebackType
-from typing import Literal, Protocol, Self
-from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
+from typing import Literal
 
-from drip.errors import (
-    ConfigError,
-    DeliveryError,
-    PermanentDeliveryError,
-    TransientDeliveryError,
-    UnknownOutcomeError,
-)
+from drip.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
+from drip.transports import errors
+from drip.transports.base import _Closing
 
 log = logging.getLogger("drip.transports")
 
 TlsMode = Literal["opportunistic", "required", "implicit"]
 
+DEFAULT_TIMEOUT = 30.0  # seconds any one network wait may take, unless DRIP_MAIL_URL says
 IDLE_SECONDS = 30.0  # a connection idle longer than this is checked with NOOP before reuse
-_ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
-_ADDRESS = re.compile(r"[^\s<>\"'()\[\],;:]+@[^\s<>\"'()\[\],;:]+")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 _ANY_EOL = re.compile(rb"\r\n|\n|\r")
 # An addr-spec smtplib.quoteaddr would pass through unchanged (a dot-atom local part, no quoting,
 # no comments, no display name): written as <address> without email.utils.parseaddr's cost.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+"
 _PLAIN_ADDRESS = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@{_ATEXT}(?:\.{_ATEXT})*")
-
-
-class Transport(Protocol):
-    """Delivers finished messages; usable as a context manager that closes it."""
-
-    def send(
-        self,
-        envelope_from: str,
-        recipient: str,
-        message: bytes,
-        *,
-        before_content: Callable[[], None] | None = None,
-        while_waiting: Callable[[], None] | None = None,
-    ) -> None:
-        """Deliver one message (bytes with CRLF line endings, headers included).
-
-        `before_content`, if given, is called at most once, before any of the message's content
-        goes out: the caller's last word on whether it may. If it raises, nothing of the message
-        is delivered, the exception propagates, and a connection the server may still expect
-        content on is dropped. It is not called when the send fails before that point.
-
-        `while_waiting`, if given, may be called once while the server is busy with the message
-        (after the body went out, before its reply is read): work to overlap with that wait. It
-        must not raise.
-
-        Raises TransientDeliveryError, PermanentDeliveryError or UnknownOutcomeError (see the
-        module docstring for what each means to the caller)."""
-
-    def close(self) -> None:
-        """Release the connection, if any. Sending again later reopens it."""
-
-    def __enter__(self) -> Self: ...
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
-
-class _Closing:
-    """Context-manager support shared by the transports."""
-
-    def close(self) -> None:
-        """Nothing to release."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-# --- choosing a transport from DRIP_MAIL_URL --------------------------------------------------
-
-
-def open_transport(url: str, *, timeout: float = 30.0) -> Transport:
-    """The transport DRIP_MAIL_URL names; nothing is connected until the first send.
-
-    smtp://[user:pass@]host[:25][?tls=required][&timeout=30]   STARTTLS whenever offered
-    smtps://[user:pass@]host[:465][?timeout=30]                implicit TLS
-    file:///abs/dir  or  file://relative/dir                   one .eml file per message
-    """
-    parts = urlsplit(url.strip())
-    scheme = parts.scheme.lower()
-    if scheme == "file":
-        _options(parts, allowed=())
-        return FileTransport(_file_directory(parts))
-    if scheme in ("smtp", "smtps"):
-        return _smtp_from_url(parts, scheme, timeout)
-    raise ConfigError(
-        f"DRIP_MAIL_URL must start with smtp://, smtps:// or file:// (it starts with "
-        f"{scheme + '://' if scheme else 'no scheme'}); set it like smtp://user:pass@mail.example:587"
-    )
-
-
-def _smtp_from_url(parts: SplitResult, scheme: str, timeout: float) -> SMTPTransport:
-    options = _options(parts, allowed=("tls", "timeout"))
-    tls: TlsMode = "implicit" if scheme == "smtps" else "opportunistic"
-    if options.get("tls", "opportunistic") not in ("opportunistic", "required"):
-        raise ConfigError(
-            f"DRIP_MAIL_URL has tls={options['tls']!r}; use tls=required or leave it out"
-        )
-    if options.get("tls") == "required" and scheme == "smtp":
-        tls = "required"
-    if not parts.hostname:
-        raise ConfigError(
-            "DRIP_MAIL_URL has no host; set it like smtp://user:pass@mail.example:587"
-        )
-    try:
-        port = parts.port
-    except ValueError:
-        raise ConfigError(
-            "DRIP_MAIL_URL has a bad port; set it like smtp://mail.example:587"
-        ) from None
-    return SMTPTransport(
-        parts.hostname,
-        port or (465 if scheme == "smtps" else 25),
-        username=unquote(parts.username) if parts.username is not None else None,
-        password=unquote(parts.password or ""),
-        tls=tls,
-        timeout=_timeout(options["timeout"]) if "timeout" in options else timeout,
-    )
-
-
-def _options(parts: SplitResult, *, allowed: tuple[str, ...]) -> dict[str, str]:
-    options = dict(parse_qsl(parts.query, keep_blank_values=True))
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        known = ", ".join(allowed) or "none"
-        raise ConfigError(f"DRIP_MAIL_URL has unknown option(s) {unknown}; known: {known}")
-    return options
-
-
-def _timeout(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 3600:
-        raise ConfigError(f"DRIP_MAIL_URL has timeout={raw!r}; use seconds between 0 and 3600")
-    return value
-
-
-def _file_directory(parts: SplitResult) -> Path:
-    """file:///abs/dir is absolute; file://var/outbox (DESIGN's default) is var/outbox, relative."""
-    path = unquote(parts.netloc + parts.path)
-    if not path:
-        raise ConfigError("DRIP_MAIL_URL names no folder; set it like file://var/outbox")
-    return Path(path)
-
-
-# --- SMTP -------------------------------------------------------------------------------------
 
 
 @cache
@@ -226,6 +61,11 @@ class SMTPTransport(_Closing):
     tls: "opportunistic" uses STARTTLS whenever the server offers it, "required" refuses to go on
     without it, "implicit" is TLS from the first byte (smtps, port 465). Certificates are always
     verified. Credentials are only ever sent over an encrypted connection.
+
+    timeout: the seconds any one network wait may take (connecting, the TLS handshake, writing the
+    commands or the body, each wait for a reply's bytes), not a whole send, which waits several
+    times: on a reused connection with PIPELINING, about six (commands, three replies, body, the
+    final reply), more on a new one (greeting, EHLO, STARTTLS, AUTH) or without PIPELINING.
     """
 
     def __init__(
@@ -236,7 +76,7 @@ class SMTPTransport(_Closing):
         username: str | None = None,
         password: str = "",
         tls: TlsMode = "opportunistic",
-        timeout: float = 30.0,
+        timeout: float = DEFAULT_TIMEOUT,
         ssl_context: ssl.SSLContext | None = None,
         idle_seconds: float = IDLE_SECONDS,
     ) -> None:
@@ -407,7 +247,7 @@ class SMTPTransport(_Closing):
         if refusal is not None:
             stage, code, text = refusal
             self._after_refusal(smtp, code)
-            raise _refusal(self._where, stage, code, text)
+            raise errors.refusal(self._where, stage, code, text)
 
     def _abort_data(self, smtp: smtplib.SMTP) -> None:
         """End a DATA the server accepted after refusing MAIL or RCPT, with no content."""
@@ -483,9 +323,7 @@ class SMTPTransport(_Closing):
         if stale_is_possible:
             return _StaleConnection()
         self._drop()
-        return TransientDeliveryError(
-            f"{self._where}: connection lost at {stage}: {_describe(error)}"
-        )
+        return errors.lost_before_content(self._where, stage, error)
 
     def _body(
         self, smtp: smtplib.SMTP, payload: bytes, while_waiting: Callable[[], None] | None = None
@@ -498,16 +336,10 @@ class SMTPTransport(_Closing):
             code, text = smtp.getreply()
         except OSError as e:
             self._drop()
-            raise UnknownOutcomeError(
-                f"{self._where}: connection lost after the message body was sent and before "
-                f"the server's reply ({_describe(e)}); the message may have been delivered"
-            ) from e
+            raise errors.lost_after_content(self._where, e) from e
         if code // 100 not in (2, 4, 5):
             self._drop()
-            raise UnknownOutcomeError(
-                f"{self._where}: unexpected reply after the message body: "
-                f"{_reply(code, text)}; the message may have been delivered"
-            )
+            raise errors.unexpected_after_content(self._where, code, text)
         self._check(smtp, "the message body", code, text)
 
     def _check(
@@ -517,7 +349,7 @@ class SMTPTransport(_Closing):
         if code == expect or (expect is None and 200 <= code < 300):
             return
         self._after_refusal(smtp, code)
-        raise _refusal(self._where, stage, code, text)
+        raise errors.refusal(self._where, stage, code, text)
 
     def _after_refusal(self, smtp: smtplib.SMTP, code: int) -> None:
         """Keep the connection for the next message when the server is still talking to us."""
@@ -578,9 +410,7 @@ class SMTPTransport(_Closing):
         try:
             yield
         except (OSError, ValueError) as e:  # sockets, timeouts, TLS, smtplib, non-ASCII login
-            raise TransientDeliveryError(
-                f"cannot open a session with {self._where}: {_describe(e)}"
-            ) from e
+            raise errors.setup_failed(self._where, e) from e
 
     def _client(self) -> smtplib.SMTP:
         """Connected, greeted (smtplib raises SMTPConnectError unless the greeting is 220).
@@ -628,9 +458,7 @@ class SMTPTransport(_Closing):
         try:
             smtp.login(self._username, self._password)
         except smtplib.SMTPAuthenticationError as e:
-            raise TransientDeliveryError(
-                f"{self._where} refused the user and password in DRIP_MAIL_URL: {_describe(e)}"
-            ) from None
+            raise errors.login_refused(self._where, e) from None
 
     def _context(self) -> ssl.SSLContext:
         if self._ssl_context is None:
@@ -682,128 +510,3 @@ def _data_payload(message: bytes) -> bytes:
     if not message.endswith(b"\r\n"):
         message += b"\r\n"
     return message + b".\r\n"
-
-
-def _refusal(where: str, stage: str, code: int, text: bytes) -> DeliveryError:
-    """The error for a refusal: 5xx is permanent, except 530 (authentication required), which
-    is a configuration problem that must not fail every message."""
-    reply = _reply(code, text)
-    if code == 530:
-        return TransientDeliveryError(
-            f"{where} requires authentication at {stage}: {reply}; put user:pass in DRIP_MAIL_URL"
-        )
-    if 500 <= code < 600:
-        enhanced = _enhanced(text)
-        return PermanentDeliveryError(
-            f"{where} refused {stage}: {reply}", code=code, enhanced=enhanced
-        )
-    return TransientDeliveryError(f"{where} deferred {stage}: {reply}")
-
-
-def _enhanced(text: bytes) -> str:
-    match = _ENHANCED.match(text.decode("ascii", "replace"))
-    return match.group(1) if match else ""
-
-
-def _reply(code: int, text: bytes) -> str:
-    """A server reply fit for logs: addresses it quotes are replaced, length is bounded."""
-    clean = _ADDRESS.sub("[address]", text.decode("utf-8", "replace").replace("\n", " "))
-    return f"{code} {clean[:300]}".rstrip()
-
-
-def _describe(e: Exception) -> str:
-    if isinstance(e, smtplib.SMTPResponseException):
-        raw = e.smtp_error if isinstance(e.smtp_error, bytes) else str(e.smtp_error).encode()
-        return _reply(e.smtp_code, raw)
-    return _ADDRESS.sub("[address]", str(e) or type(e).__name__)
-
-
-# --- a folder of .eml files ---------------------------------------------------------------
-
-
-class FileTransport(_Closing):
-    """Writes each message to <directory>/<UTC timestamp>-<counter>-<random>.eml.
-
-    The file appears whole or not at all (written under a temporary name in the same folder, then
-    renamed), so a reader watching the folder never sees half a message. Files are private to the
-    user (0600): they hold patient mail. The address never appears in a file name.
-    """
-
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.directory = Path(directory)
-        self._counter = itertools.count(1)
-        self._ready = False
-
-    def __repr__(self) -> str:
-        return f"FileTransport({str(self.directory)!r})"
-
-    def send(
-        self,
-        envelope_from: str,
-        recipient: str,
-        message: bytes,
-        *,
-        before_content: Callable[[], None] | None = None,
-        while_waiting: Callable[[], None] | None = None,
-    ) -> None:
-        if before_content is not None:
-            before_content()
-        try:
-            self._write(message)
-        except OSError as e:
-            raise TransientDeliveryError(
-                f"cannot write to the outbox {self.directory}: {e.strerror or e}"
-            ) from e
-
-    def _write(self, message: bytes) -> None:
-        if not self._ready:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._ready = True
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-        name = f"{stamp}-{next(self._counter):06d}-{secrets.token_hex(4)}.eml"
-        fd, temporary = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(message)
-            os.replace(temporary, self.directory / name)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-
-
-# --- in memory, for tests of callers -------------------------------------------------------
-
-
-class MemoryTransport(_Closing):
-    """Keeps messages in `messages` as (envelope_from, recipient, message) tuples.
-
-    `failures` scripts successive sends: an exception is raised (and nothing recorded), None means
-    succeed; once the list is used up every send succeeds.
-    """
-
-    def __init__(self, failures: Iterable[Exception | None] | None = None) -> None:
-        self.messages: list[tuple[str, str, bytes]] = []
-        self.failures: list[Exception | None] = list(failures or [])
-        self.attempts = 0
-        self.closed = False
-
-    def send(
-        self,
-        envelope_from: str,
-        recipient: str,
-        message: bytes,
-        *,
-        before_content: Callable[[], None] | None = None,
-        while_waiting: Callable[[], None] | None = None,
-    ) -> None:
-        self.attempts += 1
-        failure = self.failures.pop(0) if self.failures else None
-        if failure is not None:
-            raise failure
-        if before_content is not None:
-            before_content()
-        self.messages.append((envelope_from, recipient, message))
-        self.closed = False
-
-    def close(self) -> None:
-        self.closed = True

@@ -71,6 +71,11 @@ class Settings:
         return Clock(self.now, self.now_file, self.now_anchor)
 
     @property
+    def uses_real_clock(self) -> bool:
+        """False under DRIP_NOW or DRIP_NOW_FILE: the calendar is then not the database's."""
+        return self.now is None and self.now_file is None
+
+    @property
     def lease(self) -> timedelta:
         """How long a claim (and a row in `sending`) is held before the ticker takes it back."""
         return timedelta(seconds=self.lease_seconds)

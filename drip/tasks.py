@@ -76,8 +76,15 @@ _configured: dict[str, Any] = {}
 
 def configure_from_env() -> Celery:
     """For `celery -A worker …`: settings from the environment; with no DRIP_BROKER_URL, the
-    private Redis under var/ (started if need be, and stopped when this process exits)."""
+    private Redis under var/ (started if need be, and stopped when this process exits). A host
+    whose clock is off from the database's is refused, as `drip worker` refuses it."""
     settings = Settings.from_env()
+    if settings.uses_real_clock:
+        engine = db.make_engine(settings.database_url)
+        try:
+            db.require_clock_in_step(engine)
+        finally:
+            engine.dispose()
     stack = ExitStack()
     broker_url = stack.enter_context(broker(settings.broker_url, settings.var_dir))
     atexit.register(stack.close)

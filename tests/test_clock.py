@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,10 +18,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 
 from drip import db
 from drip.clock import Clock, utcnow
+from drip.errors import ConfigError
 from drip.models import Delivery
 from drip.settings import Settings
 
@@ -128,3 +130,39 @@ def test_under_drip_run_the_sender_reads_the_calendar_that_began_when_drip_run_s
         engine.dispose()
         run.send_signal(signal.SIGTERM)
         run.wait(60)
+
+
+def test_the_offset_from_the_databases_clock_is_measured_and_within_the_bound(
+    engine: Engine, db_kind: str
+) -> None:
+    measured = db.clock_offset(engine)
+    if db_kind == "sqlite":
+        assert measured == timedelta(0)  # a local file: the database's clock is this host's
+    else:
+        assert abs(measured) < db.MAX_CLOCK_SKEW
+    db.require_clock_in_step(engine)
+
+
+def test_a_host_whose_clock_is_off_from_the_databases_is_refused_with_the_fix(
+    engine: Engine, db_kind: str
+) -> None:
+    def ahead() -> datetime:
+        return utcnow() + timedelta(seconds=30)
+
+    if db_kind == "sqlite":
+        db.require_clock_in_step(engine, local=ahead)  # one host's clock, whatever it reads
+        return
+    with pytest.raises(ConfigError) as refused:
+        db.require_clock_in_step(engine, local=ahead)
+    message = str(refused.value)
+    assert socket.gethostname() in message and "30" in message and "ahead" in message
+    assert f"{db.MAX_CLOCK_SKEW.total_seconds():g} s" in message
+    assert "sync this host's clock (chrony/ntpd)" in message
+
+
+def test_under_drip_now_or_drip_now_file_the_clock_check_is_skipped(tmp_path: Path) -> None:
+    """The calendar is then deliberately not the database's."""
+    (tmp_path / "now").write_text(START.isoformat())
+    for shifted in ({"DRIP_NOW": START.isoformat()}, {"DRIP_NOW_FILE": str(tmp_path / "now")}):
+        assert not Settings.from_env({"DRIP_SECRET_KEY": KEY} | shifted).uses_real_clock
+    assert Settings.from_env({"DRIP_SECRET_KEY": KEY}).uses_real_clock

@@ -1,6 +1,8 @@
 """Engines, sessions and migrations, for SQLite and PostgreSQL alike.
 
-SQLite runs in WAL mode with a busy timeout, and every transaction starts with BEGIN IMMEDIATE:
+SQLite runs in WAL mode with synchronous=FULL (the WAL is synced at every commit: with NORMAL a
+committed `sending` can roll back at a power loss and the email go out again; the cost is in
+docs/performance.md), a busy timeout, and every transaction starts with BEGIN IMMEDIATE:
 a writer takes the lock up front and waits for it (in short steps, see begin_immediate), instead
 of failing half-way through when another process wrote first.
 """
@@ -82,7 +84,7 @@ def _sqlite_engine(database: str | None, url: str, **kwargs: Any) -> Engine:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA synchronous=FULL")
         cursor.close()
 
     @event.listens_for(engine, "begin")

@@ -63,6 +63,12 @@ class App:
     def now(self) -> datetime:
         return self.settings.clock().now()
 
+    def require_clock_in_step(self) -> None:
+        """For the long-running commands: leases hold across hosts only if every host's clock
+        agrees with the database's (skipped under DRIP_NOW: that calendar is not the database's)."""
+        if self.settings.uses_real_clock:
+            db.require_clock_in_step(self.engine)
+
     def campaign(self, slug: str) -> Campaign:
         return load_campaign(self.settings.templates_dir, slug)
 
@@ -555,6 +561,7 @@ def worker(app: App, concurrency: int | None, name: str | None, loglevel: str) -
         )
     with broker(app.settings.broker_url, app.settings.var_dir) as url:
         db.require_current_schema(app.engine)
+        app.require_clock_in_step()
         app.close()  # the worker's processes make their own connections after the fork
         tasks.configure(app.settings, url).worker_main(argv)
 
@@ -566,6 +573,8 @@ def beat(app: App, loglevel: str) -> None:
     """The ticker: every DRIP_TICK_SECONDS, a worker claims what is due."""
     from drip import tasks
 
+    app.require_clock_in_step()
+    app.close()
     with broker(app.settings.broker_url, app.settings.var_dir) as url:
         app.settings.var_dir.mkdir(parents=True, exist_ok=True)
         tasks.configure(app.settings, url).start(["beat", f"--loglevel={loglevel}"])
@@ -580,6 +589,7 @@ def run(app: App, concurrency: int | None) -> None:
     from drip.supervisor import Supervisor
 
     db.require_current_schema(app.engine)
+    app.require_clock_in_step()
     app.close()
     Supervisor(app.settings).run([f"--concurrency={concurrency}"] if concurrency else [])
 

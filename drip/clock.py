@@ -2,7 +2,9 @@
 
 Code that plans, claims or expires takes `now` as an argument; only entry points ask a Clock.
 `DRIP_NOW` starts the calendar at a chosen instant and lets it run on at normal speed, so leases,
-back-off and send windows behave exactly as they will for real (dry runs, tests, the demo).
+back-off and send windows behave exactly as they will for real (dry runs, tests, the demo). The
+calendar reads DRIP_NOW at one real instant, the anchor, fixed when the settings are read: every
+Clock made from those settings, in this process or in one forked from it, reads the same time.
 `DRIP_NOW_FILE` does the same from an instant written in a file, read again on every call: one
 process (the demo, a test) can move the calendar of every worker and ticker at once, and from
 each write the clock again runs on at normal speed.
@@ -22,15 +24,17 @@ def utcnow() -> datetime:
 
 @dataclass
 class Clock:
-    """Real time, optionally shifted so that it reads `start` at the moment it was made."""
+    """Real time, optionally shifted so that it read `start` at the real instant `anchor`
+    (without an anchor, at the moment the Clock was made)."""
 
     start: datetime | None = None
     file: Path | None = None
+    anchor: datetime | None = None
     _offset: timedelta = field(init=False, default=timedelta(0))
 
     def __post_init__(self) -> None:
         if self.start is not None:
-            self._offset = self.start.astimezone(UTC) - utcnow()
+            self._offset = self.start.astimezone(UTC) - (self.anchor or utcnow())
 
     def now(self) -> datetime:
         if self.file is not None:

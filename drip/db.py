@@ -1,6 +1,8 @@
 """Engines, sessions and migrations, for SQLite and PostgreSQL alike.
 
-SQLite runs in WAL mode with a busy timeout, and every transaction starts with BEGIN IMMEDIATE:
+SQLite runs in WAL mode with synchronous=FULL (the WAL is synced at every commit: with NORMAL a
+committed `sending` can roll back at a power loss and the email go out again; the cost is in
+docs/performance.md), a busy timeout, and every transaction starts with BEGIN IMMEDIATE:
 a writer takes the lock up front and waits for it (in short steps, see begin_immediate), instead
 of failing half-way through when another process wrote first.
 """
@@ -8,10 +10,12 @@ of failing half-way through when another process wrote first.
 from __future__ import annotations
 
 import random
+import socket
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, cast
@@ -33,16 +37,22 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from drip.clock import utcnow
 from drip.errors import ConfigError, DripError
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 SQLITE_BUSY_MS = 30_000
+# Lease and due times written by one host are compared by another's clock. Two hosts within 2 s
+# of the database are within 4 s of each other: well inside the shortest lease (10 s) and the
+# ticker's resolution, and far beyond what NTP keeps (milliseconds): only a broken clock is off.
+MAX_CLOCK_SKEW = timedelta(seconds=2)
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -74,7 +84,7 @@ def _sqlite_engine(database: str | None, url: str, **kwargs: Any) -> Engine:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA synchronous=FULL")
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -212,6 +222,40 @@ def require_current_schema(engine: Engine) -> None:
     if current != head:
         raise DripError(
             f"the database schema is at {current}, this drip needs {head}; run `drip db upgrade`"
+        )
+
+
+def clock_offset(engine: Engine, local: Callable[[], datetime] = utcnow) -> timedelta:
+    """How far the database's clock is ahead of this host's `local` clock (negative: behind).
+
+    PostgreSQL: `clock_timestamp()` against the midpoint of the local readings before and after,
+    the best of three round trips (the error is at most half a round trip). SQLite: zero, by
+    construction: the database is a local file, every process using it reads this host's clock.
+    """
+    if engine.dialect.name == "sqlite":
+        return timedelta(0)
+    samples: list[tuple[timedelta, timedelta]] = []
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))  # connected before the timing starts
+        for _ in range(3):
+            before = local()
+            theirs = connection.scalar(text("SELECT clock_timestamp()"))
+            after = local()
+            samples.append((after - before, theirs - (before + (after - before) / 2)))
+    return min(samples)[1]
+
+
+def require_clock_in_step(engine: Engine, local: Callable[[], datetime] = utcnow) -> None:
+    """Refuse to run on a host whose clock is off from the database's by more than
+    MAX_CLOCK_SKEW: its leases would expire early or late on the other hosts."""
+    offset = clock_offset(engine, local)
+    if abs(offset) > MAX_CLOCK_SKEW:
+        direction = "behind" if offset > timedelta(0) else "ahead of"
+        raise ConfigError(
+            f"this host's clock ({socket.gethostname()}) is {abs(offset).total_seconds():.1f} s "
+            f"{direction} the database's; drip runs only within "
+            f"{MAX_CLOCK_SKEW.total_seconds():g} s, so that leases hold across hosts; "
+            "sync this host's clock (chrony/ntpd)"
         )
 
 

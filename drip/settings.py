@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from drip.clock import Clock, parse_instant, read_clock_file
+from drip.clock import Clock, parse_instant, read_clock_file, utcnow
 from drip.durations import parse_duration
 from drip.errors import ConfigError
 from drip.planning import SendWindow
@@ -40,6 +40,7 @@ class Settings:
     from_address: str = "Lakeside Wellness Clinic (demo) <care@clinic.example>"
     send_window: SendWindow = SendWindow.parse("09:00-19:00")
     now: datetime | None = None
+    now_anchor: datetime | None = None  # the real instant at which the calendar read `now`
     now_file: Path | None = None
     lease_seconds: int = 300
     templates_dir: Path = PROJECT_ROOT / "templates" / "emails"
@@ -96,7 +97,13 @@ class Settings:
             )
 
     def clock(self) -> Clock:
-        return Clock(self.now, self.now_file)
+        """The process's clock; every one made from these settings reads the same calendar."""
+        return Clock(self.now, self.now_file, self.now_anchor)
+
+    @property
+    def uses_real_clock(self) -> bool:
+        """False under DRIP_NOW or DRIP_NOW_FILE: the calendar is then not the database's."""
+        return self.now is None and self.now_file is None
 
     @property
     def lease(self) -> timedelta:
@@ -210,8 +217,9 @@ def _window(name: str, raw: str) -> dict[str, Any]:
 
 
 def _now(name: str, raw: str) -> dict[str, Any]:
+    """The instant, and the real one at which the calendar reads it: now, as settings are read."""
     try:
-        return {"now": parse_instant(raw)}
+        return {"now": parse_instant(raw), "now_anchor": utcnow()}
     except ValueError:
         raise ConfigError(
             f"{name}={raw!r} is not an ISO-8601 instant; set it like 2026-11-01T09:00:00-05:00"

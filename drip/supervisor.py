@@ -15,11 +15,26 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from drip.broker import broker
+from drip.clock import write_clock_file
 from drip.settings import Settings
 
 log = logging.getLogger("drip.run")
 RESTART_DELAY = 2.0
 STOP_TIMEOUT = 30.0
+RUN_CLOCK = "run-clock"  # under var/: the run's calendar, when DRIP_NOW is set
+
+
+def child_environment(settings: Settings, broker_url: str) -> dict[str, str]:
+    """This environment with the broker's URL. Under DRIP_NOW the run's calendar goes on as a
+    clock file (DRIP_NOW_FILE): each child reading DRIP_NOW itself would start its calendar when
+    it starts (a restarted worker, seconds or hours later, too), and leases would not agree."""
+    env = dict(os.environ) | {"DRIP_BROKER_URL": broker_url}
+    if settings.now is not None and settings.now_file is None:
+        path = (settings.var_dir / RUN_CLOCK).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_clock_file(path, settings.clock().now())
+        env |= {"DRIP_NOW": "", "DRIP_NOW_FILE": str(path)}
+    return env
 
 
 @dataclass
@@ -42,7 +57,7 @@ class Supervisor:
 
     def run(self, worker_args: list[str]) -> int:
         with broker(self.settings.broker_url, self.settings.var_dir) as url:
-            env = dict(os.environ) | {"DRIP_BROKER_URL": url}
+            env = child_environment(self.settings, url)
             self.children = [Child(["worker", *worker_args]), Child(["beat"])]
             previous = {s: signal.signal(s, self._stop) for s in (signal.SIGINT, signal.SIGTERM)}
             try:

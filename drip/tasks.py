@@ -18,13 +18,14 @@ from functools import cached_property
 from typing import Any, cast
 
 import redis
-from celery import Celery
+from celery import Celery, signals
 from kombu.entity import Queue
 from sqlalchemy import Engine
 
 from drip import db
 from drip.breaker import RedisBreaker, relay_name
 from drip.broker import broker, redis_client
+from drip.errors import DripError
 from drip.sending import Sender
 from drip.settings import Settings
 from drip.ticker import Ticker
@@ -79,12 +80,33 @@ _configured: dict[str, Any] = {}
 
 def configure_from_env() -> Celery:
     """For `celery -A worker …`: settings from the environment; with no DRIP_BROKER_URL, the
-    private Redis under var/ (started if need be, and stopped when this process exits)."""
+    private Redis under var/ (started if need be, and stopped when this process exits). It
+    connects to nothing else, so `celery -A worker flower` works with the database down; a worker
+    or beat started this way checks its clock as it starts (see _check_clock)."""
     settings = Settings.from_env()
+    _configured["check_clock"] = True
     stack = ExitStack()
     broker_url = stack.enter_context(broker(settings.broker_url, settings.var_dir))
     atexit.register(stack.close)
     return configure(settings, broker_url)
+
+
+@signals.worker_init.connect
+@signals.beat_init.connect
+def _check_clock(**_: Any) -> None:
+    """`celery -A worker worker|beat`: refuse a host whose clock is off from the database's, as
+    `drip worker` and `drip beat` do before they start Celery."""
+    settings = _configured.get("settings")
+    if settings is None or not _configured.get("check_clock") or not settings.uses_real_clock:
+        return
+    engine = db.make_engine(settings.database_url)
+    try:
+        db.require_clock_in_step(engine)
+    except DripError as e:
+        log.critical("%s", e)
+        raise SystemExit(1) from None
+    finally:
+        engine.dispose()
 
 
 @dataclass

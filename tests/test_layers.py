@@ -15,8 +15,6 @@ from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
-import pytest
-
 import drip
 
 PACKAGE = Path(drip.__file__).parent

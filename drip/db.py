@@ -40,8 +40,8 @@ from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from drip.errors import ConfigError, DripError
+from drip.paths import MIGRATIONS
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 SQLITE_BUSY_MS = 30_000
 
 

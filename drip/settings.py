@@ -20,9 +20,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from drip.clock import Clock, parse_instant, read_clock_file
 from drip.errors import ConfigError
+from drip.paths import TEMPLATES
 from drip.planning import SendWindow
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the checkout (tests and tools)
 Parser = Callable[[str, str], dict[str, Any]]
 
 
@@ -40,7 +41,7 @@ class Settings:
     now: datetime | None = None
     now_file: Path | None = None
     lease_seconds: int = 300
-    templates_dir: Path = PROJECT_ROOT / "templates" / "emails"
+    templates_dir: Path = TEMPLATES
     clinic_name: str = "Lakeside Wellness Clinic (demo)"
     clinic_address: str = "100 Example Street, Suite 200, Springfield, ST 00000 (demo address)"
     clinic_phone: str = "+1 555 0100 (demo number)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -24,6 +25,8 @@ from drip.paths import TEMPLATES
 from drip.planning import SendWindow
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the checkout (tests and tools)
+MIN_KEY_BYTES = 32
+MAKE_KEY = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 Parser = Callable[[str, str], dict[str, Any]]
 
 
@@ -34,7 +37,8 @@ class Settings:
     database_url: str = "sqlite:///var/drip.db"
     broker_url: str | None = None  # None: start a private Redis under var_dir
     mail_url: str = "file://var/outbox"
-    secret_key: str = ""
+    secret_key: str = ""  # signs unsubscribe links
+    secret_keys: tuple[str, ...] = ()  # verify them: secret_key first, then older keys
     public_url: str = "http://127.0.0.1:8025"
     from_address: str = "Lakeside Wellness Clinic (demo) <care@clinic.example>"
     send_window: SendWindow = SendWindow.parse("09:00-19:00")
@@ -51,6 +55,12 @@ class Settings:
     tick_seconds: float = 5.0
     batch_size: int = 100
     var_dir: Path = Path("var")
+
+    def __post_init__(self) -> None:
+        """Keep secret_key first among secret_keys, however the settings were made."""
+        if self.secret_key and self.secret_keys[:1] != (self.secret_key,):
+            rest = tuple(k for k in self.secret_keys if k != self.secret_key)
+            object.__setattr__(self, "secret_keys", (self.secret_key, *rest))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -80,15 +90,33 @@ class Settings:
 
 
 def stored_secret(var_dir: Path) -> str:
-    """The key generated once into var/ when DRIP_SECRET_KEY is not set."""
+    """The key generated once into var/ when DRIP_SECRET_KEY is not set.
+
+    Processes starting at once must agree on it, and none may read a half-written file: the key
+    is written whole (mode 0600) under a temporary name, then hard-linked into place, which
+    fails if another process got there first; everyone then reads the one that won."""
     path = var_dir / "secret_key"
-    if path.exists():
-        return path.read_text().strip()
-    var_dir.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
+    if not path.exists():
+        var_dir.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=var_dir, prefix=".secret_key.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                pass
+        finally:
+            os.unlink(temporary)
+    key = path.read_text().strip()
+    if not key:
+        raise ConfigError(
+            f"{path} is empty: put back the key from a backup (links in emails already sent "
+            "were signed with it), or delete the file to have a new one generated, or set "
+            "DRIP_SECRET_KEY"
+        )
     return key
 
 
@@ -206,6 +234,21 @@ def _from(name: str, raw: str) -> dict[str, Any]:
     return {"from_address": raw}
 
 
+def _secret_keys(name: str, raw: str) -> dict[str, Any]:
+    """One key, or several comma-separated (the first signs, all verify), each 32+ bytes."""
+    _text("secret_key")(name, raw)
+    keys = tuple(key.strip() for key in raw.split(","))
+    for position, key in enumerate(keys, 1):
+        if len(key.encode()) < MIN_KEY_BYTES:
+            which = f"key {position} of {len(keys)}" if len(keys) > 1 else "the key"
+            raise ConfigError(
+                f"{name}: {which} has {len(key.encode())} bytes; each key needs at least "
+                f"{MIN_KEY_BYTES} bytes (several keys are comma-separated, the first signs). "
+                f"Make one with: {MAKE_KEY}"
+            )
+    return {"secret_key": keys[0], "secret_keys": keys}
+
+
 def _text(field: str) -> Parser:
     def parse(name: str, raw: str) -> dict[str, Any]:
         if any(ord(c) < 32 for c in raw):
@@ -228,7 +271,7 @@ _PARSERS = {
     ),
     "DRIP_BROKER_URL": _url("broker_url", ("redis", "rediss"), "redis://127.0.0.1:6379/0"),
     "DRIP_MAIL_URL": _mail_url,
-    "DRIP_SECRET_KEY": _text("secret_key"),
+    "DRIP_SECRET_KEY": _secret_keys,
     "DRIP_PUBLIC_URL": _url("public_url", ("http", "https"), "https://drip.clinic.example"),
     "DRIP_FROM": _from,
     "DRIP_SEND_WINDOW": _window,

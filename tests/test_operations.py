@@ -20,6 +20,7 @@ from drip.clock import Clock
 from drip.settings import Settings
 from drip.tasks import SEND_QUEUE, configure
 from drip.ticker import Ticker
+from tests.conftest import TEST_SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -122,7 +123,7 @@ def test_drip_run_starts_everything_and_stops_cleanly_on_sigterm(tmp_path: Path)
     env = clean_env(
         DRIP_DATABASE_URL=f"sqlite:///{tmp_path}/drip.db",
         DRIP_MAIL_URL=f"file://{tmp_path}/outbox",
-        DRIP_SECRET_KEY="k",
+        DRIP_SECRET_KEY=TEST_SECRET,
     )
     assert (
         subprocess.run(

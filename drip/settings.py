@@ -13,16 +13,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from email.headerregistry import Address
-from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from drip.addresses import split_from
 from drip.clock import Clock, parse_instant, read_clock_file
 from drip.errors import ConfigError
 from drip.paths import TEMPLATES
 from drip.planning import SendWindow
+from drip.wording import sensitive_words
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the checkout (tests and tools)
 MIN_KEY_BYTES = 32
@@ -221,7 +222,9 @@ def _zone(name: str, raw: str) -> dict[str, Any]:
 
 
 def _from(name: str, raw: str) -> dict[str, Any]:
-    display, addr = parseaddr(raw)
+    """One mailbox with a display name (a comma in it is fine: it is quoted when sent). The
+    name shows on lock screens, so it may not name a drug, condition or treatment."""
+    display, addr = split_from(raw)
     try:
         Address(display_name=display, addr_spec=addr)
     except (ValueError, IndexError):
@@ -231,7 +234,23 @@ def _from(name: str, raw: str) -> dict[str, Any]:
             f"{name}={raw!r} needs a display name and an address, "
             'e.g. "Lakeside Clinic <care@lakeside.example>"'
         )
+    found = sensitive_words(display)
+    if found:
+        raise ConfigError(
+            f"{name}'s display name {display!r} contains {found[0]!r}, which lock screens and "
+            "shared inboxes would show; use the clinic's plain name, e.g. "
+            '"Lakeside Clinic <care@lakeside.example>"'
+        )
     return {"from_address": raw}
+
+
+def _database_url(name: str, raw: str) -> dict[str, Any]:
+    """sqlite, or PostgreSQL spelled postgres://, postgresql:// or postgresql+driver:// (the
+    engine maps the first two to psycopg 3; SQLAlchemy knows no `postgres+driver`)."""
+    if raw.lower().startswith("postgres+"):
+        raise ConfigError(f"{name} names a driver after postgres+; write postgresql+psycopg://…")
+    example = "sqlite:///var/drip.db or postgresql://…"
+    return _url("database_url", ("sqlite", "postgresql", "postgres"), example)(name, raw)
 
 
 def _secret_keys(name: str, raw: str) -> dict[str, Any]:
@@ -266,9 +285,7 @@ def _path(field: str) -> Parser:
 
 
 _PARSERS = {
-    "DRIP_DATABASE_URL": _url(
-        "database_url", ("sqlite", "postgresql"), "sqlite:///var/drip.db or postgresql://…"
-    ),
+    "DRIP_DATABASE_URL": _database_url,
     "DRIP_BROKER_URL": _url("broker_url", ("redis", "rediss"), "redis://127.0.0.1:6379/0"),
     "DRIP_MAIL_URL": _mail_url,
     "DRIP_SECRET_KEY": _secret_keys,

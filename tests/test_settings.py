@@ -208,3 +208,75 @@ def test_processes_and_threads_starting_at_once_get_the_same_stored_key(tmp_path
             keys.add(out.strip())
         assert len(keys) == 1 and len(keys.pop()) >= 32
         assert [p.name for p in var.iterdir()] == ["secret_key"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgres://drip:pw@db.example/drip",
+        "postgresql://drip@db.example/drip",
+        "postgresql+psycopg://drip@db.example/drip",
+    ],
+)
+def test_postgres_urls_of_every_spelling_are_accepted(url: str) -> None:
+    assert Settings.from_env({"DRIP_DATABASE_URL": url}).database_url == url
+
+
+@pytest.mark.postgres
+def test_a_postgres_url_reaches_the_database(postgres_url: str) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    from drip.db import make_engine
+
+    url = make_url(postgres_url).set(drivername="postgres").render_as_string(hide_password=False)
+    engine = make_engine(Settings.from_env({"DRIP_DATABASE_URL": url}).database_url)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT 1")).scalar() == 1
+    engine.dispose()
+
+
+def test_postgres_with_a_driver_of_its_own_is_refused() -> None:
+    with pytest.raises(ConfigError, match="DRIP_DATABASE_URL"):
+        Settings.from_env({"DRIP_DATABASE_URL": "postgres+psycopg://db.example/drip"})
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Lakeside Wellness, LLC <care@lakeside.example>",
+        '"Lakeside Wellness, LLC" <care@lakeside.example>',
+        "Zoë's Clinic <care@clinic.example>",
+    ],
+)
+def test_drip_from_with_a_comma_or_quotes_is_accepted(value: str) -> None:
+    assert Settings.from_env({"DRIP_FROM": value}).from_address == value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "care@clinic.example",
+        "Clinic",
+        "Clinic <not an address>",
+        "A <a@x.example>, B <b@x.example>",
+        "Clinic <care@clinic.example> trailing",
+    ],
+)
+def test_drip_from_without_one_display_name_and_address_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match="DRIP_FROM"):
+        Settings.from_env({"DRIP_FROM": value})
+
+
+@pytest.mark.parametrize(
+    ("value", "word"),
+    [
+        ("Lakeside Ketamine Clinic <care@lakeside.example>", "ketamine"),
+        ("Springfield Infusion Center <care@springfield.example>", "infusion"),
+        ("Mental-Health Partners, LLC <hello@partners.example>", "mental health"),
+    ],
+)
+def test_drip_from_naming_a_sensitive_word_is_refused(value: str, word: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"DRIP_FROM": value})
+    assert "DRIP_FROM" in str(caught.value) and repr(word) in str(caught.value)

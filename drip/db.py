@@ -46,8 +46,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from drip.clock import utcnow
 from drip.errors import ConfigError, DripError
+from drip.paths import MIGRATIONS
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 SQLITE_BUSY_MS = 30_000
 # Lease and due times written by one host are compared by another's clock. Two hosts within 2 s
 # of the database are within 4 s of each other: well inside the shortest lease (10 s) and the

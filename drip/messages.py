@@ -32,9 +32,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from email import policy
 from email.headerregistry import Address
-from email.utils import format_datetime, parseaddr
+from email.utils import format_datetime
 from functools import lru_cache
 
+from drip.addresses import split_from
 from drip.campaigns import Campaign
 from drip.rendering import Rendered, Renderer
 from drip.settings import Settings
@@ -125,7 +126,7 @@ def envelope_from(from_address: str) -> str:
     """The envelope sender (SMTP MAIL FROM) for a From value like DRIP_FROM_ADDRESS: the bare
     addr-spec without its display name. One function, so every sender bounces to the same
     address."""
-    return parseaddr(from_address)[1]
+    return split_from(from_address)[1]
 
 
 def build_message(
@@ -198,7 +199,7 @@ def _date_header(date: datetime, offset: timedelta | None) -> bytes:
 @lru_cache(maxsize=64)
 def _from_header(from_address: str) -> bytes:
     """From with its display name, quoted or RFC 2047-encoded and folded by the email package."""
-    display_name, addr_spec = parseaddr(from_address)
+    display_name, addr_spec = split_from(from_address)
     if "@" not in addr_spec:
         raise ValueError(f"from address {from_address!r} has no addr-spec like care@clinic.example")
     address = Address(display_name=display_name, addr_spec=addr_spec)

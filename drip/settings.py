@@ -8,22 +8,27 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from email.headerregistry import Address
-from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from drip.addresses import split_from
 from drip.clock import Clock, parse_instant, read_clock_file, utcnow
 from drip.durations import parse_duration
 from drip.errors import ConfigError
+from drip.paths import TEMPLATES
 from drip.planning import SendWindow
+from drip.wording import sensitive_words
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the checkout (tests and tools)
+MIN_KEY_BYTES = 32
+MAKE_KEY = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 Parser = Callable[[str, str], dict[str, Any]]
 
 
@@ -35,7 +40,8 @@ class Settings:
     broker_url: str | None = None  # None: start a private Redis under var_dir
     mail_url: str = "file://var/outbox"
     mail_timeout: float = 0.0  # seconds per SMTP wait (DRIP_MAIL_URL ?timeout=); 0: files
-    secret_key: str = ""
+    secret_key: str = ""  # signs unsubscribe links
+    secret_keys: tuple[str, ...] = ()  # verify them: secret_key first, then older keys
     public_url: str = "http://127.0.0.1:8025"
     from_address: str = "Lakeside Wellness Clinic (demo) <care@clinic.example>"
     send_window: SendWindow = SendWindow.parse("09:00-19:00")
@@ -43,7 +49,7 @@ class Settings:
     now_anchor: datetime | None = None  # the real instant at which the calendar read `now`
     now_file: Path | None = None
     lease_seconds: int = 300
-    templates_dir: Path = PROJECT_ROOT / "templates" / "emails"
+    templates_dir: Path = TEMPLATES
     clinic_name: str = "Lakeside Wellness Clinic (demo)"
     clinic_address: str = "100 Example Street, Suite 200, Springfield, ST 00000 (demo address)"
     clinic_phone: str = "+1 555 0100 (demo number)"
@@ -55,6 +61,12 @@ class Settings:
     min_gap: timedelta = timedelta(hours=12)
     retry_for: timedelta = timedelta(days=3)
     var_dir: Path = Path("var")
+
+    def __post_init__(self) -> None:
+        """Keep secret_key first among secret_keys, however the settings were made."""
+        if self.secret_key and self.secret_keys[:1] != (self.secret_key,):
+            rest = tuple(k for k in self.secret_keys if k != self.secret_key)
+            object.__setattr__(self, "secret_keys", (self.secret_key, *rest))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -116,15 +128,33 @@ class Settings:
 
 
 def stored_secret(var_dir: Path) -> str:
-    """The key generated once into var/ when DRIP_SECRET_KEY is not set."""
+    """The key generated once into var/ when DRIP_SECRET_KEY is not set.
+
+    Processes starting at once must agree on it, and none may read a half-written file: the key
+    is written whole (mode 0600) under a temporary name, then hard-linked into place, which
+    fails if another process got there first; everyone then reads the one that won."""
     path = var_dir / "secret_key"
-    if path.exists():
-        return path.read_text().strip()
-    var_dir.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
+    if not path.exists():
+        var_dir.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=var_dir, prefix=".secret_key.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                pass
+        finally:
+            os.unlink(temporary)
+    key = path.read_text().strip()
+    if not key:
+        raise ConfigError(
+            f"{path} is empty: put back the key from a backup (links in emails already sent "
+            "were signed with it), or delete the file to have a new one generated, or set "
+            "DRIP_SECRET_KEY"
+        )
     return key
 
 
@@ -246,7 +276,9 @@ def _zone(name: str, raw: str) -> dict[str, Any]:
 
 
 def _from(name: str, raw: str) -> dict[str, Any]:
-    display, addr = parseaddr(raw)
+    """One mailbox with a display name (a comma in it is fine: it is quoted when sent). The
+    name shows on lock screens, so it may not name a drug, condition or treatment."""
+    display, addr = split_from(raw)
     try:
         Address(display_name=display, addr_spec=addr)
     except (ValueError, IndexError):
@@ -256,7 +288,38 @@ def _from(name: str, raw: str) -> dict[str, Any]:
             f"{name}={raw!r} needs a display name and an address, "
             'e.g. "Lakeside Clinic <care@lakeside.example>"'
         )
+    found = sensitive_words(display)
+    if found:
+        raise ConfigError(
+            f"{name}'s display name {display!r} contains {found[0]!r}, which lock screens and "
+            "shared inboxes would show; use the clinic's plain name, e.g. "
+            '"Lakeside Clinic <care@lakeside.example>"'
+        )
     return {"from_address": raw}
+
+
+def _database_url(name: str, raw: str) -> dict[str, Any]:
+    """sqlite, or PostgreSQL spelled postgres://, postgresql:// or postgresql+driver:// (the
+    engine maps the first two to psycopg 3; SQLAlchemy knows no `postgres+driver`)."""
+    if raw.lower().startswith("postgres+"):
+        raise ConfigError(f"{name} names a driver after postgres+; write postgresql+psycopg://…")
+    example = "sqlite:///var/drip.db or postgresql://…"
+    return _url("database_url", ("sqlite", "postgresql", "postgres"), example)(name, raw)
+
+
+def _secret_keys(name: str, raw: str) -> dict[str, Any]:
+    """One key, or several comma-separated (the first signs, all verify), each 32+ bytes."""
+    _text("secret_key")(name, raw)
+    keys = tuple(key.strip() for key in raw.split(","))
+    for position, key in enumerate(keys, 1):
+        if len(key.encode()) < MIN_KEY_BYTES:
+            which = f"key {position} of {len(keys)}" if len(keys) > 1 else "the key"
+            raise ConfigError(
+                f"{name}: {which} has {len(key.encode())} bytes; each key needs at least "
+                f"{MIN_KEY_BYTES} bytes (several keys are comma-separated, the first signs). "
+                f"Make one with: {MAKE_KEY}"
+            )
+    return {"secret_key": keys[0], "secret_keys": keys}
 
 
 def _text(field: str) -> Parser:
@@ -276,12 +339,10 @@ def _path(field: str) -> Parser:
 
 
 _PARSERS = {
-    "DRIP_DATABASE_URL": _url(
-        "database_url", ("sqlite", "postgresql"), "sqlite:///var/drip.db or postgresql://…"
-    ),
+    "DRIP_DATABASE_URL": _database_url,
     "DRIP_BROKER_URL": _url("broker_url", ("redis", "rediss"), "redis://127.0.0.1:6379/0"),
     "DRIP_MAIL_URL": _mail_url,
-    "DRIP_SECRET_KEY": _text("secret_key"),
+    "DRIP_SECRET_KEY": _secret_keys,
     "DRIP_PUBLIC_URL": _url("public_url", ("http", "https"), "https://drip.clinic.example"),
     "DRIP_FROM": _from,
     "DRIP_SEND_WINDOW": _window,

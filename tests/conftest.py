@@ -25,6 +25,7 @@ from drip.cli import App, cli
 from drip.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+TEST_SECRET = "test-secret-0123456789abcdefghijklmnop"  # DRIP_SECRET_KEY: 32 bytes or more
 POSTGRES_ADMIN_URL = os.environ.get(
     "DRIP_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
@@ -106,7 +107,7 @@ def env(db_url: str, tmp_path: Path) -> dict[str, str]:
     """The environment of a drip command in a test: its own database and var/."""
     return {
         "DRIP_DATABASE_URL": db_url,
-        "DRIP_SECRET_KEY": "test-secret",
+        "DRIP_SECRET_KEY": TEST_SECRET,
         "DRIP_MAIL_URL": f"file://{tmp_path / 'outbox'}",
         "DRIP_NOW": "2026-10-30T14:00:00Z",
         "DRIP_CLINIC_TIMEZONE": "America/New_York",

@@ -17,7 +17,7 @@ from click.testing import CliRunner, Result
 
 from drip.cli import App, cli
 from drip.lint import MAX_HTML_BYTES, SENSITIVE_WORDS, reading_grade, sensitive_words
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TEST_SECRET
 
 SHIPPED = ROOT / "templates" / "emails"
 CAMPAIGN = "ketamine-onboarding"
@@ -41,7 +41,7 @@ def validate(tmp_path: Path) -> Validate:
     def run(templates_dir: Path, *args: str) -> Result:
         environ = {
             "DRIP_TEMPLATES_DIR": str(templates_dir),
-            "DRIP_SECRET_KEY": "test-secret",
+            "DRIP_SECRET_KEY": TEST_SECRET,
             "DRIP_NOW": "2026-10-30T14:00:00Z",
             "DRIP_DATABASE_URL": f"sqlite:///{tmp_path / 'not-used.db'}",
         }
@@ -228,7 +228,7 @@ def test_the_grade_is_the_one_the_external_checker_reports(templates: Path, tmp_
         sys.path.remove(str(CHECKER.parent))
     replace_content(step_file(templates, "welcome", "txt"), HARD_TEXT)
     out = tmp_path / "welcome.eml"
-    environ = {"DRIP_TEMPLATES_DIR": str(templates), "DRIP_SECRET_KEY": "k"}
+    environ = {"DRIP_TEMPLATES_DIR": str(templates), "DRIP_SECRET_KEY": TEST_SECRET}
     args = ["preview", CAMPAIGN, "welcome", "--format", "eml", "--out", str(out)]
     assert CliRunner().invoke(cli, args, obj=App(environ=environ)).exit_code == 0
     text = BytesParser(policy=policy.default).parsebytes(out.read_bytes()).get_body(("plain",))

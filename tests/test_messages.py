@@ -170,6 +170,26 @@ def test_the_date_of_the_same_instant_in_another_zone_keeps_its_own_offset() -> 
 def test_the_envelope_sender_is_the_from_address_without_its_display_name() -> None:
     assert envelope_from(FROM) == "care@clinic.example"
     assert envelope_from("care@clinic.example") == "care@clinic.example"
+    assert envelope_from("Lakeside Wellness, LLC <care@lakeside.example>") == (
+        "care@lakeside.example"
+    )
+
+
+@pytest.mark.parametrize(
+    "sender",
+    [
+        "Lakeside Wellness, LLC <care@lakeside.example>",
+        '"Lakeside Wellness, LLC" <care@lakeside.example>',
+        "Lakeside Wellness, LLC (demo) <care@lakeside.example>",
+    ],
+)
+def test_a_display_name_with_a_comma_is_quoted_and_reads_back(sender: str) -> None:
+    raw = build(from_address=sender)
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("ascii")
+    assert '"Lakeside Wellness, LLC' in head
+    (address,) = parse(raw)["From"].addresses
+    assert address.display_name == sender.rpartition(" <")[0].strip('"')
+    assert address.addr_spec == "care@lakeside.example"
 
 
 @pytest.mark.parametrize(

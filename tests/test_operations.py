@@ -20,6 +20,7 @@ from drip.clock import Clock
 from drip.settings import Settings
 from drip.tasks import SEND_QUEUE, configure
 from drip.ticker import Ticker
+from tests.conftest import TEST_SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -122,7 +123,7 @@ def test_drip_run_starts_everything_and_stops_cleanly_on_sigterm(tmp_path: Path)
     env = clean_env(
         DRIP_DATABASE_URL=f"sqlite:///{tmp_path}/drip.db",
         DRIP_MAIL_URL=f"file://{tmp_path}/outbox",
-        DRIP_SECRET_KEY="k",
+        DRIP_SECRET_KEY=TEST_SECRET,
     )
     assert (
         subprocess.run(
@@ -160,6 +161,79 @@ def test_drip_run_starts_everything_and_stops_cleanly_on_sigterm(tmp_path: Path)
     assert not socket.exists()  # and the private Redis was stopped last
     leftover = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
     assert leftover.stdout.strip() == ""
+
+
+def _children(pid: int) -> list[int]:
+    """The direct children of `pid`, from /proc (no psutil: what the kernel says)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a parent (or an init) to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_kill_9_of_drip_run_takes_worker_beat_and_redis_with_it(tmp_path: Path) -> None:
+    env = clean_env(
+        DRIP_DATABASE_URL=f"sqlite:///{tmp_path}/drip.db",
+        DRIP_MAIL_URL=f"file://{tmp_path}/outbox",
+        DRIP_SECRET_KEY=TEST_SECRET,
+    )
+    upgrade = [sys.executable, "-m", "drip", "db", "upgrade"]
+    assert subprocess.run(upgrade, cwd=tmp_path, env=env, timeout=60).returncode == 0
+    log = (tmp_path / "run.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "drip", "run", "--concurrency", "1"],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    family: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # redis, worker (and its pool process) and beat, all started
+            assert process.poll() is None, (tmp_path / "run.log").read_text()
+            children = _children(process.pid)
+            commands = " | ".join(_command(pid) for pid in children)
+            ready = b"ready" in (tmp_path / "run.log").read_bytes()
+            if ready and all(name in commands for name in ("redis-server", "worker", "beat")):
+                family = set(children) | {g for c in children for g in _children(c)}
+                break
+            assert time.monotonic() < deadline, f"drip run did not come up: {commands}"
+            time.sleep(0.1)
+        assert len(family) >= 4  # the pool process of the worker too
+        process.kill()
+        process.wait(10)
+        deadline = time.monotonic() + 60
+        while any(_alive(pid) for pid in family):
+            left = [_command(pid) for pid in family if _alive(pid)]
+            assert time.monotonic() < deadline, f"still running after kill -9: {left}"
+            time.sleep(0.1)
+    finally:
+        log.close()
+        for pid in family | {process.pid}:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_the_demo_plays_the_campaign_and_leaves_the_emails(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from sqlalchemy import Engine, func, select
 from drip.broker import EmbeddedRedis, redis_client
 from drip.clock import read_clock_file, write_clock_file
 from drip.models import Delivery, Enrolment, Patient
+from tests.conftest import TEST_SECRET
 from tests.smtp_servers import Captured, CapturingServer
 
 pytestmark = pytest.mark.slow
@@ -193,7 +194,7 @@ def pipeline(db_url: str, redis_url: str, tmp_path: Path, engine: Engine) -> Ite
             "DRIP_BROKER_URL": redis_url,
             "DRIP_MAIL_URL": f"smtp://127.0.0.1:{smtp.port}?timeout=2",  # fits the short lease
             "DRIP_NOW_FILE": str(now_file),
-            "DRIP_SECRET_KEY": "pipeline-test",
+            "DRIP_SECRET_KEY": TEST_SECRET,
             "DRIP_TICK_SECONDS": "0.2",
             "DRIP_LEASE_SECONDS": str(LEASE_SECONDS),
             "DRIP_BATCH_SIZE": "20",

@@ -25,6 +25,7 @@ from drip.sending import Sender
 from drip.settings import Settings
 from drip.transports import MemoryTransport
 from drip.unsubscribe import unsubscribe_url
+from tests.conftest import TEST_SECRET
 from tests.smtp_servers import CapturingServer, closed_port
 
 Drip = Callable[..., Result]
@@ -49,7 +50,7 @@ def preview(tmp_path: Path) -> Drip:
 
     def run(*args: str) -> Result:
         environ = {
-            "DRIP_SECRET_KEY": "test-secret",
+            "DRIP_SECRET_KEY": TEST_SECRET,
             "DRIP_NOW": "2026-10-30T14:00:00Z",
             "DRIP_DATABASE_URL": f"sqlite:///{tmp_path / 'not-used.db'}",
         }
@@ -93,7 +94,7 @@ def test_the_text_part_is_for_the_sample_patient_with_a_working_unsubscribe_link
     result = preview(CAMPAIGN, "welcome", "--format", "text")
     assert result.exit_code == 0, result.output
     assert "Alex" in result.stdout
-    link = unsubscribe_url(Settings.public_url, "test-secret", 0)
+    link = unsubscribe_url(Settings.public_url, TEST_SECRET, 0)
     assert f"Unsubscribe: {link}" in result.stdout
 
 
@@ -154,7 +155,7 @@ def test_email_renders_for_that_patient_from_the_database(
     assert result.exit_code == 0, result.output
     assert "Zoë" in result.stdout and "Alex" not in result.stdout
     patient = patient_id(engine, "ana@example.com")
-    assert unsubscribe_url(Settings.public_url, "test-secret", patient) in result.stdout
+    assert unsubscribe_url(Settings.public_url, TEST_SECRET, patient) in result.stdout
 
 
 def test_an_unknown_patient_is_refused(drip: Drip) -> None:
@@ -271,7 +272,7 @@ def test_a_template_that_is_not_utf8_is_named_not_a_traceback(tmp_path: Path) ->
     shutil.copytree(Settings().templates_dir, templates)
     (templates / CAMPAIGN / "welcome.txt.j2").write_bytes(b"\xff\xfe {{ first_name }}\n")
     environ = {
-        "DRIP_SECRET_KEY": "test-secret",
+        "DRIP_SECRET_KEY": TEST_SECRET,
         "DRIP_TEMPLATES_DIR": str(templates),
         "DRIP_DATABASE_URL": f"sqlite:///{tmp_path / 'not-used.db'}",
     }

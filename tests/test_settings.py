@@ -7,6 +7,7 @@ import pytest
 
 from drip.errors import ConfigError
 from drip.settings import Settings
+from tests.conftest import TEST_SECRET
 
 
 def test_defaults_are_the_embedded_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -36,7 +37,7 @@ def test_every_variable_is_read() -> None:
         "DRIP_DATABASE_URL": "postgresql://drip@db/drip",
         "DRIP_BROKER_URL": "redis://redis:6379/0",
         "DRIP_MAIL_URL": "smtps://u:p@mail.example:465?timeout=10",
-        "DRIP_SECRET_KEY": "k",
+        "DRIP_SECRET_KEY": TEST_SECRET,
         "DRIP_PUBLIC_URL": "https://drip.example/",
         "DRIP_FROM": "Clinic <care@clinic.example>",
         "DRIP_SEND_WINDOW": "08:00-20:00",
@@ -52,7 +53,8 @@ def test_every_variable_is_read() -> None:
     }
     s = Settings.from_env(env)
     assert s.database_url == env["DRIP_DATABASE_URL"] and s.broker_url == env["DRIP_BROKER_URL"]
-    assert s.mail_url == env["DRIP_MAIL_URL"] and s.secret_key == "k" and s.mail_timeout == 10
+    assert s.mail_url == env["DRIP_MAIL_URL"] and s.secret_key == TEST_SECRET
+    assert s.mail_timeout == 10
     assert s.public_url == "https://drip.example"
     assert s.from_address == env["DRIP_FROM"] and str(s.send_window) == "08:00-20:00"
     assert s.now == datetime(2026, 11, 1, 14, 0, tzinfo=UTC)
@@ -92,39 +94,43 @@ def test_every_variable_is_read() -> None:
 )
 def test_a_bad_value_names_the_variable_and_the_fix(name: str, value: str, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        Settings.from_env({name: value, "DRIP_SECRET_KEY": "k"})
+        Settings.from_env({name: value, "DRIP_SECRET_KEY": TEST_SECRET})
     assert name in str(caught.value) and message in str(caught.value)
 
 
 def test_a_bad_broker_url_does_not_print_its_password() -> None:
     with pytest.raises(ConfigError) as caught:
-        Settings.from_env({"DRIP_BROKER_URL": "amqp://user:hunter2@rabbit", "DRIP_SECRET_KEY": "k"})
+        Settings.from_env(
+            {"DRIP_BROKER_URL": "amqp://user:hunter2@rabbit", "DRIP_SECRET_KEY": TEST_SECRET}
+        )
     assert "hunter2" not in str(caught.value)
 
 
 def test_drip_now_starts_the_clock_there_and_lets_it_run() -> None:
-    clock = Settings.from_env({"DRIP_NOW": "2026-03-29T00:30:00Z", "DRIP_SECRET_KEY": "k"}).clock()
+    env = {"DRIP_NOW": "2026-03-29T00:30:00Z", "DRIP_SECRET_KEY": TEST_SECRET}
+    clock = Settings.from_env(env).clock()
     first = clock.now()
     assert abs(first - datetime(2026, 3, 29, 0, 30, tzinfo=UTC)) < timedelta(seconds=1)
     assert clock.now() >= first
 
 
 def test_without_drip_now_the_clock_is_real() -> None:
-    now = Settings.from_env({"DRIP_SECRET_KEY": "k"}).clock().now()
+    now = Settings.from_env({"DRIP_SECRET_KEY": TEST_SECRET}).clock().now()
     assert abs(now - datetime.now(UTC)) < timedelta(seconds=1)
 
 
 def test_gap_and_retry_age_have_defaults_and_take_durations() -> None:
-    default = Settings.from_env({"DRIP_SECRET_KEY": "k"})
+    default = Settings.from_env({"DRIP_SECRET_KEY": TEST_SECRET})
     assert default.min_gap == timedelta(hours=12) and default.retry_for == timedelta(days=3)
-    s = Settings.from_env({"DRIP_MIN_GAP": "1d", "DRIP_RETRY_FOR": "5d", "DRIP_SECRET_KEY": "k"})
+    env = {"DRIP_MIN_GAP": "1d", "DRIP_RETRY_FOR": "5d", "DRIP_SECRET_KEY": TEST_SECRET}
+    s = Settings.from_env(env)
     assert s.min_gap == timedelta(days=1) and s.retry_for == timedelta(days=5)
 
 
 def test_a_lease_too_short_for_the_mail_timeout_is_refused_at_start_up() -> None:
     """A row marked `sending` must hold its lease for the longest send the timeout allows, or
     a slow relay turns sends `unknown`."""
-    env = {"DRIP_MAIL_URL": "smtp://mail.example:587", "DRIP_SECRET_KEY": "k"}
+    env = {"DRIP_MAIL_URL": "smtp://mail.example:587", "DRIP_SECRET_KEY": TEST_SECRET}
     with pytest.raises(ConfigError) as caught:
         Settings.from_env(env | {"DRIP_LEASE_SECONDS": "60"})
     message = str(caught.value)
@@ -135,3 +141,171 @@ def test_a_lease_too_short_for_the_mail_timeout_is_refused_at_start_up() -> None
     )
     assert ok.slowest_send_seconds == 21 and ok.soft_deadline_seconds == 39
     assert Settings.from_env(env).soft_deadline_seconds == 300 - 61  # the defaults fit
+
+
+KEY_A = "first-key-signs-0123456789abcdefghij"
+KEY_B = "second-key-verifies-0123456789abcdefg"
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["k", "x" * 31, "é" * 15 + "x", f"{KEY_A},tiny", f"{KEY_A},", f"{KEY_A}, ,{KEY_B}"],
+)
+def test_a_secret_key_shorter_than_32_bytes_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"DRIP_SECRET_KEY": value})
+    message = str(caught.value)
+    assert "DRIP_SECRET_KEY" in message and "32 bytes" in message
+    assert "secrets.token_urlsafe(32)" in message
+    assert "tiny" not in message  # a key is never echoed
+
+
+def test_several_secret_keys_the_first_signs_all_verify() -> None:
+    from drip.unsubscribe import make_token, read_token
+
+    settings = Settings.from_env({"DRIP_SECRET_KEY": f"{KEY_A}, {KEY_B}"})
+    assert settings.secret_key == KEY_A and settings.secret_keys == (KEY_A, KEY_B)
+    assert read_token(settings.secret_keys, make_token(KEY_B, 5)) == 5
+    assert Settings.from_env({"DRIP_SECRET_KEY": "é" * 16}).secret_keys == ("é" * 16,)
+
+
+def test_settings_made_in_code_verify_with_their_one_key() -> None:
+    assert Settings(secret_key=KEY_A).secret_keys == (KEY_A,)
+
+
+@pytest.mark.parametrize("content", ["", "  \n"])
+def test_an_empty_stored_key_is_an_error_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "secret_key").write_text(content)
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({})
+    assert "var/secret_key" in str(caught.value) and "DRIP_SECRET_KEY" in str(caught.value)
+
+
+def test_processes_and_threads_starting_at_once_get_the_same_stored_key(tmp_path: Path) -> None:
+    """Racers (processes and threads) are held at a gate, then all read or make var/secret_key."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from drip.settings import stored_secret
+
+    racer = (
+        "import pathlib, sys, time\n"
+        "from drip.settings import stored_secret\n"
+        "ready, go, var = map(pathlib.Path, sys.argv[1:])\n"
+        "ready.touch()\n"
+        "while not go.exists(): time.sleep(0.0005)\n"
+        "print(stored_secret(var))\n"
+    )
+    for attempt in range(2):
+        var, go = tmp_path / f"var{attempt}", tmp_path / f"go{attempt}"
+        ready = [tmp_path / f"ready{attempt}-{i}" for i in range(4)]
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", racer, str(r), str(go), str(var)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for r in ready
+        ]
+        keys: set[str] = set()
+        gate = threading.Barrier(9)
+
+        def race(var: Path = var, gate: threading.Barrier = gate, keys: set[str] = keys) -> None:
+            gate.wait()
+            keys.add(stored_secret(var))
+
+        threads = [threading.Thread(target=race) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while not all(r.exists() for r in ready):
+            assert time.monotonic() < deadline, "the racing processes did not start"
+            time.sleep(0.01)
+        go.touch()
+        gate.wait()
+        for thread in threads:
+            thread.join()
+        for process in processes:
+            out, _ = process.communicate(timeout=60)
+            assert process.returncode == 0
+            keys.add(out.strip())
+        assert len(keys) == 1 and len(keys.pop()) >= 32
+        assert [p.name for p in var.iterdir()] == ["secret_key"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgres://drip:pw@db.example/drip",
+        "postgresql://drip@db.example/drip",
+        "postgresql+psycopg://drip@db.example/drip",
+    ],
+)
+def test_postgres_urls_of_every_spelling_are_accepted(url: str) -> None:
+    assert Settings.from_env({"DRIP_DATABASE_URL": url}).database_url == url
+
+
+@pytest.mark.postgres
+def test_a_postgres_url_reaches_the_database(postgres_url: str) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    from drip.db import make_engine
+
+    url = make_url(postgres_url).set(drivername="postgres").render_as_string(hide_password=False)
+    engine = make_engine(Settings.from_env({"DRIP_DATABASE_URL": url}).database_url)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT 1")).scalar() == 1
+    engine.dispose()
+
+
+def test_postgres_with_a_driver_of_its_own_is_refused() -> None:
+    with pytest.raises(ConfigError, match="DRIP_DATABASE_URL"):
+        Settings.from_env({"DRIP_DATABASE_URL": "postgres+psycopg://db.example/drip"})
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Lakeside Wellness, LLC <care@lakeside.example>",
+        '"Lakeside Wellness, LLC" <care@lakeside.example>',
+        "Zoë's Clinic <care@clinic.example>",
+    ],
+)
+def test_drip_from_with_a_comma_or_quotes_is_accepted(value: str) -> None:
+    assert Settings.from_env({"DRIP_FROM": value}).from_address == value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "care@clinic.example",
+        "Clinic",
+        "Clinic <not an address>",
+        "A <a@x.example>, B <b@x.example>",
+        "Clinic <care@clinic.example> trailing",
+    ],
+)
+def test_drip_from_without_one_display_name_and_address_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match="DRIP_FROM"):
+        Settings.from_env({"DRIP_FROM": value})
+
+
+@pytest.mark.parametrize(
+    ("value", "word"),
+    [
+        ("Lakeside Ketamine Clinic <care@lakeside.example>", "ketamine"),
+        ("Springfield Infusion Center <care@springfield.example>", "infusion"),
+        ("Mental-Health Partners, LLC <hello@partners.example>", "mental health"),
+    ],
+)
+def test_drip_from_naming_a_sensitive_word_is_refused(value: str, word: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"DRIP_FROM": value})
+    assert "DRIP_FROM" in str(caught.value) and repr(word) in str(caught.value)

@@ -152,7 +152,7 @@ class CapturingServer(_Threaded):
                 raise AssertionError(f"expected {n} message(s) held, got {len(self.held)}")
             return list(self.held)
 
-    def wait_for(self, n: int, timeout: float = 5.0) -> list[Captured]:
+    def wait_for(self, n: int, timeout: float = 60.0) -> list[Captured]:
         """Wait until at least n messages arrived; return them all (AssertionError on timeout)."""
         with self._changed:
             if not self._changed.wait_for(lambda: len(self.messages) >= n, timeout):

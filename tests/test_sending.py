@@ -91,7 +91,7 @@ def rows(engine: Engine) -> dict[int, Delivery]:
 
 
 def smtp(port: int) -> Transport:
-    return open_transport(f"smtp://127.0.0.1:{port}", timeout=5)
+    return open_transport(f"smtp://127.0.0.1:{port}", timeout=30)  # only stops a hang
 
 
 @pytest.fixture

@@ -1,7 +1,9 @@
 """SMTP servers for tests, each running in a thread so that tests stay synchronous.
 
 CapturingServer   a real aiosmtpd server that accepts everything and keeps what it received;
-                  optionally with STARTTLS or implicit TLS (see self_signed_tls) and AUTH.
+                  optionally with STARTTLS or implicit TLS (see self_signed_tls) and AUTH; it can
+                  be slow (`delay`) or hold every reply back until told (`hold`/`release`), so a
+                  test knows a client is inside a send, whatever the speed of the machine.
 ScriptedServer    a tiny hand-written server whose replies are scripted per command, for the
                   failures a real server will not produce on cue (451, 550 5.1.1, 421 at the
                   greeting, a connection dropped right after the message body...).
@@ -79,6 +81,14 @@ class Captured:
     data: bytes
 
 
+@dataclass(frozen=True)
+class Held:
+    """A message whose body the server has, its reply held back (see CapturingServer.hold)."""
+
+    message: Captured
+    peer_port: int  # the client's port: tells which process is waiting for the reply
+
+
 class CapturingServer(_Threaded):
     """aiosmtpd on 127.0.0.1:<ephemeral>; `.messages` holds every message received.
 
@@ -96,6 +106,9 @@ class CapturingServer(_Threaded):
     ) -> None:
         self.messages: list[Captured] = []
         self.delay = delay  # seconds before the reply to each message: a slow server
+        self.held: list[Held] = []  # every message held back so far (see hold)
+        self._released = threading.Event()
+        self._released.set()
         self.connections = 0
         self.logins: list[str] = []
         self._changed = threading.Condition()
@@ -119,9 +132,27 @@ class CapturingServer(_Threaded):
             self.connections = 0  # the controller's own start-up probe does not count
 
     def stop(self) -> None:
+        self.release()
         self._controller.stop()
 
-    def wait_for(self, n: int, timeout: float = 5.0) -> list[Captured]:
+    def hold(self) -> None:
+        """From now on, hold each message back once its body has arrived, without replying:
+        the client waits inside its send (committed `sending`, outcome unknown) until release().
+        A client that dies meanwhile leaves no message: the server never accepted it."""
+        self._released.clear()
+
+    def release(self) -> None:
+        """Answer the messages held back (250, as usual) and stop holding."""
+        self._released.set()
+
+    def wait_held(self, n: int = 1, timeout: float = 60.0) -> list[Held]:
+        """Wait until at least n messages are held back; return them (AssertionError on timeout)."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: len(self.held) >= n, timeout):
+                raise AssertionError(f"expected {n} message(s) held, got {len(self.held)}")
+            return list(self.held)
+
+    def wait_for(self, n: int, timeout: float = 60.0) -> list[Captured]:
         """Wait until at least n messages arrived; return them all (AssertionError on timeout)."""
         with self._changed:
             if not self._changed.wait_for(lambda: len(self.messages) >= n, timeout):
@@ -131,6 +162,11 @@ class CapturingServer(_Threaded):
     def _record(self, message: Captured) -> None:
         with self._changed:
             self.messages.append(message)
+            self._changed.notify_all()
+
+    def _hold(self, held: Held) -> None:
+        with self._changed:
+            self.held.append(held)
             self._changed.notify_all()
 
     def _connected(self) -> None:
@@ -156,10 +192,16 @@ class _Collector:
         self.owner = owner
 
     async def handle_DATA(self, server: AioSMTP, session: Session, envelope: Envelope) -> str:
-        if self.owner.delay:
-            await asyncio.sleep(self.owner.delay)
+        owner = self.owner
+        if owner.delay:
+            await asyncio.sleep(owner.delay)
         data = envelope.original_content or b""
-        self.owner._record(Captured(envelope.mail_from or "", tuple(envelope.rcpt_tos), data))
+        message = Captured(envelope.mail_from or "", tuple(envelope.rcpt_tos), data)
+        if not owner._released.is_set():
+            owner._hold(Held(message, int(session.peer[1])))
+            while not owner._released.is_set():  # cancelled if the client goes away
+                await asyncio.sleep(0.01)
+        owner._record(message)
         return "250 2.0.0 Ok: queued"
 
 

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis
+from celery import Celery
 from click.testing import Result
 
 from drip.broker import EmbeddedRedis, redis_client
@@ -21,6 +23,7 @@ from drip.settings import Settings
 from drip.tasks import SEND_QUEUE, configure
 from drip.ticker import Ticker
 from tests.conftest import TEST_SECRET
+from tests.polling import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -135,29 +138,31 @@ def test_drip_run_starts_everything_and_stops_cleanly_on_sigterm(tmp_path: Path)
         ).returncode
         == 0
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "drip", "run", "--concurrency", "1"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    log = tmp_path / "run.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "drip", "run", "--concurrency", "1"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     socket = tmp_path / "var" / "redis" / "redis.sock"
     try:
-        deadline = time.monotonic() + 60
-        while not socket.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert socket.exists()
-        time.sleep(5)  # worker and beat up
+        url = wait_until(lambda: _answers_ping(socket), "the private Redis to answer PING")
+        ping = Celery(broker=url).control.ping
+        wait_until(lambda: ping(timeout=1.0), "the worker to answer a ping", describe=log.read_text)
+        wait_until(lambda: _ticked(log), "beat's first tick to run", describe=log.read_text)
         assert process.poll() is None
         process.send_signal(signal.SIGTERM)
-        output = process.communicate(timeout=60)[0].decode()
+        process.wait(timeout=60)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+    output = log.read_text()
     assert process.returncode == 0, output
-    assert "ready" in output  # the worker came up
+    assert "ready" in output  # the worker said it came up
     assert not socket.exists()  # and the private Redis was stopped last
     leftover = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
     assert leftover.stdout.strip() == ""
@@ -234,6 +239,21 @@ def test_kill_9_of_drip_run_takes_worker_beat_and_redis_with_it(tmp_path: Path) 
         for pid in family | {process.pid}:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _answers_ping(socket: Path) -> str | None:
+    """The broker URL of the private Redis at `socket`, once it answers PING."""
+    url = f"redis+socket://{socket}"
+    try:
+        return url if socket.exists() and redis_client(url).ping() else None
+    except redis.ConnectionError:
+        return None
+
+
+def _ticked(log: Path) -> bool:
+    """The worker has run a tick that beat sent (Celery logs each task it finishes)."""
+    lines = log.read_text().splitlines()
+    return any("drip.tick[" in line and "succeeded" in line for line in lines)
 
 
 def test_the_demo_plays_the_campaign_and_leaves_the_emails(tmp_path: Path) -> None:

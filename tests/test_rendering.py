@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
-import time
 import unicodedata
 from collections.abc import Callable
 from dataclasses import replace
@@ -299,29 +297,3 @@ def test_a_missing_patient_value_or_step_is_refused(renderer: Renderer, campaign
     with pytest.raises(NotFound, match="welcome"):
         renderer.render(campaign, "goodbye", SAMPLES[0])
     assert set(PATIENT_VARIABLES) == set(SAMPLES[0])
-
-
-# --- speed --------------------------------------------------------------------------------------
-
-
-def best_of(repeats: int, function: Callable[[], object]) -> float:
-    timings = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        timings.append(time.perf_counter() - start)
-    return min(timings)
-
-
-@pytest.mark.skipif(sys.gettrace() is not None, reason="timing under a tracer means nothing")
-def test_the_fast_path_is_at_least_20_times_faster_than_the_reference(
-    renderer: Renderer, campaign: Campaign
-) -> None:
-    renderer.render(campaign, "welcome", SAMPLES[1])  # compile once
-    fast = best_of(
-        5, lambda: [renderer.render(campaign, "welcome", SAMPLES[1]) for _ in range(100)]
-    )
-    slow = best_of(
-        3, lambda: [renderer.render_reference(campaign, "welcome", SAMPLES[1]) for _ in range(5)]
-    )
-    assert fast / 100 * 20 < slow / 5

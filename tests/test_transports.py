@@ -59,7 +59,7 @@ def no_thread_left_behind() -> Iterator[None]:
 
 
 def transport(server: CapturingServer | ScriptedServer, **options: Any) -> SMTPTransport:
-    return SMTPTransport(HOST, server.port, timeout=2.0, **options)
+    return SMTPTransport(HOST, server.port, timeout=30.0, **options)  # only stops a hang
 
 
 def assert_no_address(error: Exception) -> None:

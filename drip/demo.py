@@ -47,6 +47,7 @@ from drip.models import (
     Patient,
 )
 from drip.patients import check_patient, zone
+from drip.processes import die_with_parent
 from drip.settings import Settings, stored_secret
 
 CAMPAIGN = "ketamine-onboarding"
@@ -173,6 +174,7 @@ class Demo:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent(),  # a demo killed with -9 leaves no worker behind
         )
 
     # --- playing the calendar -------------------------------------------------------------------

@@ -681,6 +681,8 @@ class _EmailCommit:
             named = sqlite.dialect(paramstyle="named")  # sqlite3 takes :name with a dict
             self.mark = states.MARK_SENDING.compile(dialect=named)
             self.sent = states.RECORD_SENT.compile(dialect=named)
+            # the statements' own constants (state names…), bound once: per email, only ours
+            self.mark_base, self.sent_base = dict(self.mark.params), dict(self.sent.params)
         else:
             both = select(
                 select(func.count())
@@ -691,6 +693,7 @@ class _EmailCommit:
                 .scalar_subquery(),
             )
             self.both = both.compile(dialect=dialect)
+            self.both_base = dict(self.both.params)
         process = D.updated_at.type.dialect_impl(dialect).bind_processor(dialect)
         self.instant: Callable[[datetime], Any] = process or (lambda value: value)
 
@@ -715,10 +718,10 @@ class _EmailCommit:
         try:
             begin_immediate(self.raw)  # the write lock, waited for in short steps
             if previous is not None:
-                sent = self.sent.construct_params({"sent_id": previous, "now": params["now"]})
+                sent = self.sent_base | {"sent_id": previous, "now": params["now"]}
                 cursor.execute(self.sent.string, sent)
                 recorded = cursor.rowcount
-            cursor.execute(self.mark.string, self.mark.construct_params(params))
+            cursor.execute(self.mark.string, self.mark_base | params)
             marked = cursor.rowcount == 1
             self.raw.commit()
         except BaseException:
@@ -727,7 +730,7 @@ class _EmailCommit:
         return recorded, marked
 
     def _postgresql(self, previous: int | None, params: dict[str, Any]) -> tuple[int, bool]:
-        values = self.both.construct_params(params | {"sent_id": previous})
+        values = self.both_base | params | {"sent_id": previous}
         self.raw.autocommit = True  # the statement is a transaction of its own
         try:
             self.cursor.execute(self.both.string, values, prepare=True)

@@ -7,7 +7,7 @@ the patient's, through zoneinfo, so DST shifts are handled: a wall-clock time th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import TYPE_CHECKING
@@ -139,8 +139,11 @@ def plan_steps(
     gap: timedelta,
 ) -> list[Plan]:
     """Every step's plan, in step order, spaced so that no two of them fall closer than `gap`
-    (DRIP_MIN_GAP): in the order they fall due, each one that would come too soon after the one
-    before moves to the gap's end (inside the send window), and may then become stale."""
+    (DRIP_MIN_GAP): in the order they fall due (step order for a tie), each takes the first
+    moment from its own due time on that is at least `gap` from every step already placed
+    (inside the send window). If that would make a step that is useless when late ("getting
+    ready for your first visit", `late = "skip"`) stale, those steps are placed first instead,
+    and the ones that may wait move: spacing never loses a time-critical email."""
 
     def plan(step: Step, earliest: datetime | None = None) -> Plan:
         return plan_step(
@@ -153,20 +156,49 @@ def plan_steps(
             earliest=earliest,
         )
 
-    plans = [plan(step) for step in steps]
-    timed = sorted(
-        (i for i, p in enumerate(plans) if p.due_at is not None and not p.stale),
-        key=lambda i: (plans[i].due_at, i),
-    )
-    previous: datetime | None = None
-    for i in timed:
-        due = plans[i].due_at
-        assert due is not None
-        if previous is not None and due < previous + gap:
-            plans[i] = plan(steps[i], previous + gap)
-        if not plans[i].stale:
-            previous = plans[i].due_at
-    return plans
+    unspaced = [plan(step) for step in steps]
+    timed = [i for i, p in enumerate(unspaced) if p.due_at is not None and not p.stale]
+
+    def spaced(order: list[int]) -> list[Plan]:
+        plans, placed = list(unspaced), list[datetime]()
+        for i in order:
+            due, step = plans[i].due_at, steps[i]
+            assert due is not None
+
+            def in_window(t: datetime, step: Step = step) -> datetime | None:
+                return plan(step, t).due_at
+
+            free = _first_free(due, placed, gap, in_window)
+            if free != due:
+                plans[i] = plan(step, free)
+            moved = plans[i].due_at
+            if not plans[i].stale and moved is not None:
+                placed.append(moved)
+        return plans
+
+    in_order = spaced(sorted(timed, key=lambda i: (unspaced[i].due_at, i)))
+    if not any(in_order[i].stale for i in timed):
+        return in_order
+    return spaced(sorted(timed, key=lambda i: (steps[i].late != "skip", unspaced[i].due_at, i)))
+
+
+def _first_free(
+    due: datetime,
+    placed: list[datetime],
+    gap: timedelta,
+    reschedule: Callable[[datetime], datetime | None],
+) -> datetime:
+    """The first instant from `due` on that is at least `gap` from every instant in `placed`,
+    as `reschedule` (the send window) allows."""
+    candidate = due
+    for _ in range(len(placed) + 1):
+        clash = [t for t in placed if abs(candidate - t) < gap]
+        if not clash:
+            return candidate
+        moved = reschedule(max(clash) + gap)
+        assert moved is not None
+        candidate = moved
+    return candidate
 
 
 def _nominal(

@@ -144,12 +144,12 @@ def test_pause_holds_and_resume_replans_what_fell_due(drip: Drip, engine: Engine
     later = {"DRIP_NOW": "2026-11-06T15:00:00Z"}
     assert "resumed" in ok(drip("resume", "ana@example.com", env=later)).stdout
     plan = timeline(drip)
-    # late ones go now, one at a time: each DRIP_MIN_GAP (12h) after the one before, in step
-    # order, inside the send window (09:00 EST is 14:00 UTC)
+    # late ones go one at a time, in step order, each DRIP_MIN_GAP (12h) after the one before,
+    # inside the send window (09:00 EST is 14:00 UTC)
+    assert plan["before-first-session"]["state"] == "skipped"  # useless after the visit
     assert plan["welcome"]["due_at"] == "2026-11-06T15:00:00+00:00"
     assert plan["treatment-plan"]["due_at"] == "2026-11-07T14:00:00+00:00"
     assert plan["medications"]["due_at"] == "2026-11-08T14:00:00+00:00"
-    assert plan["before-first-session"]["state"] == "skipped"  # useless after the visit
     assert plan["after-first-session"]["due_at"] == "2026-11-09T14:00:00+00:00"  # within 3d
     assert plan["after-first-session"]["state"] == "scheduled"
     assert plan["check-in"]["local_time"] == "2026-11-15T10:00:00-05:00"  # still ahead

@@ -257,3 +257,34 @@ def test_steps_that_would_fall_closer_than_the_minimum_gap_are_spaced_by_it() ->
     moved = dict(zip(keys, spaced, strict=True))["before-first-session"]
     assert moved.due_at is not None and moved.due_at.astimezone(zone).hour >= 9  # in the window
     assert not moved.stale and moved.expires_at is not None and moved.due_at <= moved.expires_at
+
+
+@pytest.mark.parametrize(
+    ("zone_name", "days_ahead"),
+    [("Asia/Tokyo", 2), ("Asia/Tokyo", 3), ("Asia/Tokyo", 4), ("Pacific/Auckland", 3),
+     ("America/Chicago", 3), ("America/New_York", 2)],
+)  # fmt: skip
+def test_spacing_never_makes_the_first_visit_email_stale(zone_name: str, days_ahead: int) -> None:
+    """Found by trying it: a patient ahead of the clinic's zone with a visit 2-4 days out lost
+    "getting ready for your first visit" to the enrolment emails that could have waited."""
+    from drip.campaigns import load_campaign
+    from drip.planning import plan_steps
+    from drip.settings import Settings
+
+    campaign = load_campaign(Settings().templates_dir, "ketamine-onboarding")
+    zone = ZoneInfo(zone_name)
+    enrolled = utc(2026, 12, 1, 10, 0)
+    visit = (enrolled.astimezone(zone) + timedelta(days=days_ahead)).date()
+    kwargs = {
+        "zone": zone,
+        "enrolled_at": enrolled,
+        "first_session": FirstSession(visit, time(14, 30)),
+        "window": WINDOW,
+        "now": enrolled,
+    }
+    unspaced = plan_steps(campaign.steps, gap=timedelta(0), **kwargs)  # type: ignore[arg-type]
+    spaced = plan_steps(campaign.steps, gap=timedelta(hours=12), **kwargs)  # type: ignore[arg-type]
+    for before, after in zip(unspaced, spaced, strict=True):
+        assert before.stale or not after.stale  # spacing makes nothing stale
+    times = sorted(p.due_at for p in spaced if p.due_at is not None and not p.stale)
+    assert all(b - a >= timedelta(hours=12) for a, b in zip(times, times[1:], strict=False))

@@ -24,6 +24,17 @@ def parse_duration(text: str) -> timedelta:
     return -value if match["sign"] == "-" else value
 
 
+def format_duration(value: timedelta) -> str:
+    """The inverse of parse_duration for a whole number of minutes: timedelta(days=1, hours=12)
+    → '1d12h'; zero → '0'."""
+    minutes = int(value.total_seconds() // 60)
+    sign, minutes = ("-", -minutes) if minutes < 0 else ("", minutes)
+    days, rest = divmod(minutes, 1440)
+    hours, minutes = divmod(rest, 60)
+    parts = [f"{n}{unit}" for n, unit in ((days, "d"), (hours, "h"), (minutes, "m")) if n]
+    return sign + "".join(parts) if parts else "0"
+
+
 def parse_clock_time(text: str) -> time:
     """'09:30' → time(9, 30). Raises ValueError."""
     match = _HHMM.match(text.strip())

@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from drip.addresses import split_from
 from drip.clock import Clock, parse_instant, read_clock_file, utcnow
-from drip.durations import parse_duration
+from drip.durations import format_duration, parse_duration
 from drip.errors import ConfigError
 from drip.paths import TEMPLATES
 from drip.planning import SendWindow
@@ -227,13 +227,16 @@ def _seconds(name: str, raw: str) -> dict[str, Any]:
 def _duration(field: str, low: timedelta, high: timedelta) -> Parser:
     def parse(name: str, raw: str) -> dict[str, Any]:
         try:
-            value = parse_duration(raw)
+            value = timedelta(0) if raw == "0" else parse_duration(raw)
         except ValueError:
             raise ConfigError(
                 f"{name}={raw!r} is not a duration; set it like 12h, 3d or 1d12h"
             ) from None
         if not low <= value <= high:
-            raise ConfigError(f"{name}={raw} is out of range; use {low} to {high}")
+            raise ConfigError(
+                f"{name}={raw} is out of range; use {format_duration(low)} to "
+                f"{format_duration(high)}"
+            )
         return {field: value}
 
     return parse

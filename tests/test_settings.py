@@ -87,9 +87,9 @@ def test_every_variable_is_read() -> None:
         ("DRIP_BATCH_SIZE", "-3", "out of range"),
         ("DRIP_CLINIC_NAME", "two\nlines", "control character"),
         ("DRIP_MIN_GAP", "twelve hours", "12h"),
-        ("DRIP_MIN_GAP", "30d", "out of range"),
+        ("DRIP_MIN_GAP", "30d", "out of range; use 0 to 7d"),
         ("DRIP_RETRY_FOR", "forever", "3d"),
-        ("DRIP_RETRY_FOR", "0d", "out of range"),
+        ("DRIP_RETRY_FOR", "0d", "out of range; use 1m to 30d"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_the_fix(name: str, value: str, message: str) -> None:
@@ -127,6 +127,8 @@ def test_gap_and_retry_age_have_defaults_and_take_durations() -> None:
     env = {"DRIP_MIN_GAP": "1d", "DRIP_RETRY_FOR": "5d", "DRIP_SECRET_KEY": TEST_SECRET}
     s = Settings.from_env(env)
     assert s.min_gap == timedelta(days=1) and s.retry_for == timedelta(days=5)
+    no_gap = Settings.from_env({"DRIP_MIN_GAP": "0", "DRIP_SECRET_KEY": TEST_SECRET})
+    assert no_gap.min_gap == timedelta(0)
 
 
 def test_a_lease_too_short_for_the_mail_timeout_is_refused_at_start_up() -> None:

@@ -294,7 +294,7 @@ def timeline(app: App, email: str, as_json: bool) -> None:
         ["campaign", "step", "state", f"local time ({tz})", "UTC", "note"],
         [
             [
-                e.campaign,
+                _campaign_label(e.campaign, e.enrolment_status),
                 e.step,
                 e.state,
                 f"{e.local_time:%a %Y-%m-%d %H:%M %Z}" if e.local_time else "-",
@@ -304,6 +304,11 @@ def timeline(app: App, email: str, as_json: bool) -> None:
             for e in entries
         ],
     )
+
+
+def _campaign_label(campaign: str, status: str) -> str:
+    """A paused or ended enrolment says so beside its campaign: its rows still read `scheduled`."""
+    return campaign if status == "active" else f"{campaign} ({status})"
 
 
 def _change(

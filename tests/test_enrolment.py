@@ -140,6 +140,7 @@ def test_pause_holds_and_resume_replans_what_fell_due(drip: Drip, engine: Engine
     assert "already paused" in ok(drip("pause", "ana@example.com")).stdout
     with engine.connect() as c:
         assert c.scalar(select(Enrolment.status)) == "paused"
+    assert "ketamine-onboarding (paused)" in ok(drip("timeline", "ana@example.com")).stdout
     # Resume a week later: everything that fell due meanwhile follows its late policy.
     later = {"DRIP_NOW": "2026-11-06T15:00:00Z"}
     assert "resumed" in ok(drip("resume", "ana@example.com", env=later)).stdout

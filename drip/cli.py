@@ -196,8 +196,7 @@ def enroll(
     checked = check_patient(fields, default_timezone=app.settings.clinic_timezone, now=planner.now)
     if isinstance(checked, list):
         raise DripError("cannot enrol:\n" + "\n".join(f"  {e}" for e in checked))
-    with app.transaction() as session:
-        counts = enrolment.enrol(session, planner, [checked], actor=app.actor)
+    counts = enrolment.enrol_retrying(app.transaction, planner, [checked], actor=app.actor)
     if as_json:
         echo_json(
             {

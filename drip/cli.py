@@ -6,7 +6,6 @@ one transaction, and prints. Exit codes: 0 done, 1 a user error (message on stde
 from __future__ import annotations
 
 import getpass
-import io
 import os
 import sys
 import tempfile
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from sqlalchemy import Engine
@@ -28,7 +27,7 @@ from drip.broker import broker
 from drip.campaigns import Campaign, load_all, load_campaign
 from drip.deliveries import list_deliveries
 from drip.deliveries import retry as retry_deliveries
-from drip.errors import CsvError, DripError, InputError
+from drip.errors import CsvError, DripError, InputError, RowProblem
 from drip.models import STATES, Enrolment, Patient
 from drip.output import console, echo_json, table
 from drip.patients import check_patient
@@ -196,8 +195,7 @@ def enroll(
     checked = check_patient(fields, default_timezone=app.settings.clinic_timezone, now=planner.now)
     if isinstance(checked, list):
         raise DripError("cannot enrol:\n" + "\n".join(f"  {e}" for e in checked))
-    with app.transaction() as session:
-        counts = enrolment.enrol(session, planner, [checked], actor=app.actor)
+    counts = enrolment.enrol_retrying(app.transaction, planner, [checked], actor=app.actor)
     if as_json:
         echo_json(
             {
@@ -221,25 +219,30 @@ def _enroll_csv(app: App, path: Path, campaign: str, skip_invalid: bool, as_json
     planner = app.planner(campaign)
     report = csvimport.CsvReport()
     total = (lambda: csvimport.count_lines(path)) if str(path) != "-" else None
-    with _open_csv(path) as stream, _progress(total) as advance, app.transaction() as session:
-        rows = csvimport.patients_from_csv(
-            stream,
-            report,
-            default_timezone=app.settings.clinic_timezone,
-            now=planner.now,
-            skip_invalid=skip_invalid,
-        )
-        counts = enrolment.enrol(session, planner, rows, actor=app.actor, progress=advance)
-        if report.problems and not skip_invalid:
-            raise CsvError(report.problems, report.bad_rows)
-    summary = {
-        "rows": report.rows,
-        "enrolled": counts.enrolled,
-        "already_enrolled": counts.already,
-        "refused": report.bad_rows,
-    }
+    try:
+        with (
+            csvimport.open_csv(path) as stream,
+            _progress(total) as advance,
+            app.transaction() as session,
+        ):
+            rows = csvimport.patients_from_csv(
+                stream,
+                report,
+                default_timezone=app.settings.clinic_timezone,
+                now=planner.now,
+                skip_invalid=skip_invalid,
+            )
+            counts = enrolment.enrol(session, planner, rows, actor=app.actor, progress=advance)
+            if report.problems and not skip_invalid:
+                raise CsvError(report.problems, report.bad_rows)
+    except CsvError as e:
+        if not as_json:
+            raise
+        summary = _csv_summary(report, enrolment.EnrolCounts(), e.problems)
+        echo_json(summary | {"error": e.headline})
+        raise click.exceptions.Exit(1) from None
     if as_json:
-        echo_json(summary | {"problems": [p.__dict__ for p in report.problems]})
+        echo_json(_csv_summary(report, counts, report.problems))
         return
     for problem in report.problems:
         click.echo(f"refused {problem}", err=True)
@@ -249,11 +252,16 @@ def _enroll_csv(app: App, path: Path, campaign: str, skip_invalid: bool, as_json
     )
 
 
-def _open_csv(path: Path) -> IO[str]:
-    """The file, or standard input for "-", as UTF-8 text with any BOM dropped."""
-    if str(path) == "-":
-        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", newline="")
-    return path.open(encoding="utf-8-sig", newline="")
+def _csv_summary(
+    report: csvimport.CsvReport, counts: enrolment.EnrolCounts, problems: list[RowProblem]
+) -> dict[str, Any]:
+    return {
+        "rows": report.rows,
+        "enrolled": counts.enrolled,
+        "already_enrolled": counts.already,
+        "refused": report.bad_rows,
+        "problems": [p.__dict__ for p in problems],
+    }
 
 
 @contextmanager

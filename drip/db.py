@@ -41,7 +41,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from drip.clock import utcnow
@@ -262,3 +262,12 @@ def require_clock_in_step(engine: Engine, local: Callable[[], datetime] = utcnow
 def rowcount(result: Any) -> int:
     """Rows matched by an UPDATE/DELETE (Session.execute is typed as returning a plain Result)."""
     return cast(CursorResult[Any], result).rowcount
+
+
+def is_unique_violation(error: IntegrityError) -> bool:
+    """Whether a statement lost a race for a unique index (another transaction inserted the same
+    key first): PostgreSQL's SQLSTATE 23505, SQLite's SQLITE_CONSTRAINT_UNIQUE."""
+    orig = error.orig
+    return getattr(orig, "sqlstate", None) == "23505" or (
+        getattr(orig, "sqlite_errorname", None) == "SQLITE_CONSTRAINT_UNIQUE"
+    )

@@ -1,6 +1,7 @@
 """Enrolling patients in a campaign and changing their plans: pause, resume, reschedule, unenrol.
 
-Every function takes the session of the caller's transaction and the time `now`; none commits.
+Every function takes the session of the caller's transaction and the time `now`; none commits,
+except `enrol_retrying`, which is given a way to open transactions and tries again in a fresh one.
 Enrolling writes the patient, the enrolment and one delivery row per step of the campaign at once
 (DESIGN §1). Later changes touch only rows not yet taken by a ticker, each with a conditional
 UPDATE, so a change racing a ticker never un-claims a row that is already on its way.
@@ -8,13 +9,15 @@ UPDATE, so a change racing a ticker never un-claims a row that is already on its
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import islice
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from drip import db, events, states
@@ -37,6 +40,7 @@ from drip.patients import PatientInput, check_first_session, email_key, zone
 from drip.planning import FirstSession, Plan, SendWindow, plan_steps
 
 CHUNK = 1000
+ATTEMPTS = 5  # of enrol_retrying; each lost race means another process enrolled the patient
 
 
 @dataclass
@@ -88,6 +92,28 @@ def enrol(
         if progress:
             progress(len(chunk))
     return counts
+
+
+def enrol_retrying(
+    transaction: Callable[[], AbstractContextManager[Session]],
+    planner: Planner,
+    patients: Sequence[PatientInput],
+    *,
+    actor: str,
+) -> EnrolCounts:
+    """`enrol` in a transaction of its own, tried again in a fresh one when another process
+    enrolled the same patient at the same moment: both saw no patient (or no open enrolment),
+    both inserted, and the later INSERT broke a unique index. The next attempt sees the row the
+    winner committed, so the patient is "already enrolled" rather than an error."""
+    for _ in range(ATTEMPTS - 1):
+        try:
+            with transaction() as session:
+                return enrol(session, planner, patients, actor=actor)
+        except IntegrityError as e:
+            if not db.is_unique_violation(e):
+                raise
+    with transaction() as session:
+        return enrol(session, planner, patients, actor=actor)
 
 
 def _enrol_chunk(

@@ -52,17 +52,24 @@ class RowProblem:
 
 
 class CsvError(InputError):
-    """Raised when rows of an enrolment CSV are not acceptable; lists every bad row."""
+    """Raised when rows of an enrolment CSV are not acceptable; lists every bad row. With
+    `whole_file`, a problem (an unclosed quote) makes every row after it unknowable."""
 
-    def __init__(self, problems: list[RowProblem], rows_with_problems: int) -> None:
+    def __init__(
+        self, problems: list[RowProblem], rows_with_problems: int, *, whole_file: bool = False
+    ) -> None:
         self.problems = problems
         lines = "\n".join(f"  {p}" for p in problems)
-        super().__init__(
-            "csv",
-            f"{rows_with_problems} row(s) refused, nothing was written:\n{lines}\n"
-            "Fix these rows and run the command again, "
-            "or add --skip-invalid to enrol the valid rows only.",
-        )
+        if whole_file:
+            self.headline = "the whole file was refused, nothing was written"
+            advice = "Fix the file and run the command again (--skip-invalid cannot help here)."
+        else:
+            self.headline = f"{rows_with_problems} row(s) refused, nothing was written"
+            advice = (
+                "Fix these rows and run the command again, "
+                "or add --skip-invalid to enrol the valid rows only."
+            )
+        super().__init__("csv", f"{self.headline}:\n{lines}\n{advice}")
 
 
 class NotFound(DripError):

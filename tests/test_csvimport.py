@@ -204,3 +204,139 @@ def test_csv_from_stdin(drip: Drip, engine: Engine) -> None:
     result = drip("enroll", "--csv", "-", "--campaign", "ketamine-onboarding", input=HEADER + GOOD)
     assert result.exit_code == 0, result.output
     assert counts(engine)[0] == 3
+
+
+THREE_GOOD = "a1@example.com,A\na2@example.com,B\na3@example.com,C\n"
+
+
+@pytest.mark.parametrize("skip", [(), ("--skip-invalid",)], ids=["all-or-nothing", "skip-invalid"])
+def test_an_unclosed_quote_refuses_the_whole_file_naming_its_line(
+    drip: Drip, engine: Engine, tmp_path: Path, skip: tuple[str, ...]
+) -> None:
+    body = 'uq1@example.com,"Ann\n' + THREE_GOOD  # the quote on line 2 swallows lines 3-5
+    result = enroll_csv(drip, csv_file(tmp_path, body, header="email,first_name\n"), *skip)
+    assert result.exit_code == 1, result.output
+    err = result.stderr
+    assert "the whole file was refused, nothing was written" in err
+    assert "line 2: " in err and "never closed" in err and "lines 2-5" in err
+    assert "close the quote on line 2" in err and "Ann" not in err
+    assert "Traceback" not in result.output
+    assert counts(engine) == (0, 0, 0, 0)
+
+
+def test_a_quote_closed_lines_later_refuses_each_line_it_swallowed(
+    drip: Drip, engine: Engine, tmp_path: Path
+) -> None:
+    body = 'uq1@example.com,"Ann\na1@example.com,A"\na2@example.com,B\n'
+    path = csv_file(tmp_path, body, header="email,first_name\n")
+    result = enroll_csv(drip, path, "--skip-invalid")
+    assert result.exit_code == 0, result.output
+    assert "enrolled 1, already enrolled 0, refused 2 (of 3 rows)" in result.stdout
+    assert "refused line 2: row: lines 2-3 are one row" in result.stderr
+    assert counts(engine)[:2] == (1, 1)
+
+
+def test_a_bad_byte_is_named_by_its_own_line_and_every_other_bad_row_is_listed(
+    drip: Drip, engine: Engine, tmp_path: Path
+) -> None:
+    path = tmp_path / "patients.csv"
+    path.write_bytes(b"email,first_name\nb@example.com,Zo\xeb\nc@example.com,C\nnot-an-address,X\n")
+    result = enroll_csv(drip, str(path))
+    assert result.exit_code == 1, result.output
+    err = result.stderr
+    assert "2 row(s) refused" in err
+    assert "line 2: text: is not UTF-8 (byte 0xEB); save the file as CSV UTF-8" in err
+    assert "line 4: email:" in err and "line 3" not in err
+    assert counts(engine) == (0, 0, 0, 0)
+
+
+def test_a_late_bad_byte_after_multi_line_values_is_named_by_its_true_line(
+    drip: Drip, engine: Engine, tmp_path: Path
+) -> None:
+    multi = "".join(f'q{i}@example.com,"Q\nQ"\n' for i in range(10))  # lines 2-21, 10 rows
+    good = "".join(f"p{i}@example.com,P{i}\n" for i in range(4980))  # lines 22-5001
+    path = tmp_path / "patients.csv"
+    path.write_bytes(
+        b"email,first_name\n"
+        + (multi + good).encode()
+        + b"late@example.com,Zo\xeb\n"  # line 5002
+        + b"oops,X\n"  # line 5003
+    )
+    result = enroll_csv(drip, str(path))
+    assert result.exit_code == 1, result.output
+    err = result.stderr
+    assert "line 5002: text: is not UTF-8 (byte 0xEB)" in err
+    assert "line 5003: email:" in err
+    assert "line 2: row: lines 2-3 are one row" in err and "line 20: row: lines 20-21" in err
+    assert "22 row(s) refused" in err  # rows are counted as lines: 10 two-line rows and 2
+    assert counts(engine) == (0, 0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("text", "bad_line"),
+    [
+        ("email;first_name\nx@example.com;X\ny@example.com;Y\noops;Z\n", 4),
+        ('sep=;\nemail;first_name\nx@example.com;X\ny@example.com;"Y; Jr"\noops;Z\n', 5),
+        ("sep=,\nemail,first_name\nx@example.com,X\ny@example.com,Y\noops,Z\n", 5),
+    ],
+    ids=["semicolons", "sep-semicolon", "sep-comma"],
+)
+def test_semicolons_and_an_excel_sep_line_are_read_as_excel_reads_them(
+    drip: Drip, engine: Engine, tmp_path: Path, text: str, bad_line: int
+) -> None:
+    result = enroll_csv(drip, csv_file(tmp_path, text, header=""), "--skip-invalid")
+    assert result.exit_code == 0, result.output
+    assert "enrolled 2, already enrolled 0, refused 1 (of 3 rows)" in result.stdout
+    assert f"refused line {bad_line}: email:" in result.stderr
+    assert counts(engine)[:2] == (2, 2)
+
+
+def test_a_header_that_mixes_delimiters_gets_a_hint(drip: Drip, tmp_path: Path) -> None:
+    result = enroll_csv(
+        drip, csv_file(tmp_path, "x@example.com;X,\n", header="email;first_name,last_name\n")
+    )
+    assert result.exit_code == 1
+    assert "semicolons" in result.stderr and "CSV UTF-8 (Comma delimited)" in result.stderr
+
+
+def test_json_with_bad_rows_lists_them_as_json_and_exits_1(
+    drip: Drip, engine: Engine, tmp_path: Path
+) -> None:
+    result = enroll_csv(drip, csv_file(tmp_path, BAD), "--json")
+    assert result.exit_code == 1
+    out = json.loads(result.stdout)
+    assert out["rows"] == 8 and out["refused"] == 6
+    assert out["enrolled"] == 0 and out["already_enrolled"] == 0
+    assert out["error"] == "6 row(s) refused, nothing was written"
+    assert {"line": 3, "field": "email"}.items() <= out["problems"][0].items()
+    assert [p["line"] for p in out["problems"]] == [3, 4, 4, 5, 6, 7, 8]
+    assert counts(engine) == (0, 0, 0, 0)
+
+
+def test_json_with_an_unclosed_quote_says_so_as_json(
+    drip: Drip, engine: Engine, tmp_path: Path
+) -> None:
+    body = 'uq1@example.com,"Ann\n' + THREE_GOOD
+    path = csv_file(tmp_path, body, header="email,first_name\n")
+    result = enroll_csv(drip, path, "--json", "--skip-invalid")
+    assert result.exit_code == 1
+    out = json.loads(result.stdout)
+    assert out["error"] == "the whole file was refused, nothing was written"
+    assert out["rows"] == 4 and out["refused"] == 4 and out["enrolled"] == 0
+    assert [(p["line"], p["field"]) for p in out["problems"]] == [(2, "csv")]
+    assert counts(engine) == (0, 0, 0, 0)
+
+
+def test_a_quote_that_breaks_lines_later_refuses_the_file_and_on_one_line_only_its_row(
+    drip: Drip, engine: Engine, tmp_path: Path
+) -> None:
+    runaway = 'uq1@example.com,"Ann\na1@example.com,A\na2@example.com,"B"x\n'
+    result = enroll_csv(drip, csv_file(tmp_path, runaway, header="email,first_name\n"))
+    assert result.exit_code == 1
+    assert "line 2: csv: a quote opens on this line and breaks on line 4" in result.stderr
+    one_line = 'a1@example.com,"A"x\na2@example.com,B\n'
+    path = csv_file(tmp_path, one_line, header="email,first_name\n")
+    result = enroll_csv(drip, path, "--skip-invalid")
+    assert result.exit_code == 0, result.output
+    assert "refused line 2: row: ',' expected after '\"'; check the quoting" in result.stderr
+    assert "enrolled 1, already enrolled 0, refused 1 (of 2 rows)" in result.stdout

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from subprocess import PIPE
 from typing import Any
 
+import pytest
 from click.testing import Result
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, func, select, text, update
 
 from drip.models import Delivery, Enrolment, Event, Patient
+from tests.polling import wait_until
 
 Drip = Callable[..., Result]
 CAMPAIGN = ("--campaign", "ketamine-onboarding")
@@ -272,3 +278,70 @@ def test_enrolling_again_after_unenrolling_takes_the_new_zone(drip: Drip, engine
         if row["enrolment_status"] == "active"
     ]
     assert newest[0]["local_time"].endswith("+00:00")  # London, GMT in October's end
+
+
+def _enrol_at_once(env: dict[str, str], n: int) -> list[subprocess.Popen[str]]:
+    """`drip enroll` of one address by `n` processes at once."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DRIP_")}
+    command = [sys.executable, "-m", "drip", "enroll", "same@example.com"]
+    command += ["--campaign", "ketamine-onboarding", "--first-name", "Sam"]
+    return [
+        subprocess.Popen(command, env=clean | env, stdout=PIPE, stderr=PIPE, text=True)
+        for _ in range(n)
+    ]
+
+
+def _waiting_for_a_lock(engine: Engine) -> int:
+    with engine.connect() as c:  # a new transaction each time: pg_stat_activity is a snapshot
+        return int(
+            c.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'"
+                )
+            )
+        )
+
+
+@pytest.mark.parametrize("returning", [False, True], ids=["new-patient", "returning-patient"])
+def test_enrolments_of_one_patient_at_the_same_moment_enrol_once_and_all_succeed(
+    drip: Drip, engine: Engine, env: dict[str, str], db_kind: str, returning: bool
+) -> None:
+    """Six processes enrol the same address at once: one enrols, five find them already enrolled.
+
+    On PostgreSQL a lock held by the test stops every process at its INSERT (the patient's, or
+    for a returning patient the enrolment's) until all six are waiting there, so that their
+    INSERTs collide on the unique index; SQLite serialises writers at BEGIN IMMEDIATE."""
+    if returning:
+        assert (
+            drip(
+                "enroll",
+                "same@example.com",
+                "--campaign",
+                "ketamine-onboarding",
+                "--first-name",
+                "Sam",
+            ).exit_code
+            == 0
+        )
+        assert drip("unenroll", "same@example.com").exit_code == 0
+    table = "enrolments" if returning else "patients"
+    n = 6
+    with engine.connect() as gate:
+        if db_kind == "postgresql":
+            gate.execute(text(f"LOCK TABLE {table} IN SHARE MODE"))
+        processes = _enrol_at_once(env, n)
+        if db_kind == "postgresql":
+            wait_until(lambda: _waiting_for_a_lock(engine) == n, f"{n} enrolments at INSERT")
+        gate.rollback()
+    outcomes = [(p.wait(timeout=120), *p.communicate()) for p in processes]
+    assert [code for code, _, _ in outcomes] == [0] * n, outcomes
+    said = sorted(out.split(" (")[0].split(";")[0] for _, out, _ in outcomes)
+    assert said == ["already enrolled in ketamine-onboarding"] * (n - 1) + [
+        "enrolled in ketamine-onboarding"
+    ], outcomes
+    with engine.connect() as c:
+        open_ = c.scalar(
+            select(func.count()).select_from(Enrolment).where(Enrolment.status != "ended")
+        )
+    assert open_ == 1

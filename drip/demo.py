@@ -26,7 +26,7 @@ from rich.live import Live
 from rich.table import Table
 from sqlalchemy import Engine, func, select
 
-from drip import db, enrolment
+from drip import db, enrolment, output
 from drip.broker import EmbeddedRedis
 from drip.campaigns import load_campaign
 from drip.clock import read_clock_file, write_clock_file
@@ -76,7 +76,7 @@ SAMPLES = [  # first name, last name, zone, first session: days after the start,
 class Demo:
     root: Path
     patients: int = 4
-    console: Console = field(default_factory=Console)
+    console: Console = field(default_factory=output.console)  # plain and unwrapped when piped
 
     def run(self) -> None:
         self._fresh()
@@ -162,8 +162,8 @@ class Demo:
         with db.transaction(engine) as session:
             enrolment.enrol(session, planner, rows, actor="demo")
         self.console.print(
-            f"enrolled {len(rows)} sample patients on "
-            f"{start.astimezone(zone(settings.clinic_timezone)):%A %d %B %Y}"
+            f"enrolled {len(rows)} sample patient{'s' * (len(rows) != 1)} on "
+            f"{start.astimezone(zone(settings.clinic_timezone)):%A %d %B %Y}\n"
         )
 
     def _spawn(self, args: list[str], env: dict[str, str], log: str) -> subprocess.Popen[bytes]:
@@ -195,8 +195,11 @@ class Demo:
                 if not rescheduled and due - _first_enrolled(engine) > timedelta(days=1):
                     rescheduled = True
                     if note := self._reschedule_last(engine, settings):
-                        live.console.print(note)
+                        live.console.print(f"{note}\n")
                 live.update(self._view(engine, settings))
+        if not self.console.is_terminal:
+            self.console.line()  # Live ends its last line on a terminal only
+        self.console.line()
 
     def _wait_until_delivered(self, engine: Engine, live: Live, settings: Settings) -> None:
         deadline = time.monotonic() + STEP_TIMEOUT

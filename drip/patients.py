@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import re
 import unicodedata
+import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from functools import lru_cache
 from typing import Any, TypeVar
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from email_validator import EmailNotValidError, validate_email
 
@@ -24,9 +25,26 @@ T = TypeVar("T")
 NAME_MAX = 100
 FIRST_SESSION_PAST = timedelta(days=30)
 FIRST_SESSION_FUTURE = timedelta(days=366)
-_DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_REFUSED_CATEGORIES = {"Cc", "Cs", "Co", "Cn", "Zl", "Zp"}  # controls, surrogates, unassigned…
+_DATE_ONLY = re.compile(r"\d{4}-\d{2}-\d{2}")
+# The documented forms: a date, or a date and a local time (seconds allowed, as spreadsheets
+# write them), optionally with an explicit offset. Not ISO's other forms (20261203, 2026-W49-4).
+_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2})?(Z|[+-]\d{2}:\d{2})?")
+FIRST_SESSION_FORMS = "2026-12-03, 2026-12-03T14:30 or 2026-12-03 14:30"
+_REFUSED_CATEGORIES = {
+    "Cc": "a control character",
+    "Cf": "an invisible formatting character",
+    "Cs": "a surrogate",
+    "Co": "a private-use character",
+    "Cn": "an unassigned character",
+    "Zl": "a line break",
+    "Zp": "a paragraph break",
+}
+# Persian, Kurdish and the Indic scripts spell some names with these; between two letters (or
+# a letter and its mark) they only choose a letter's joined form, which cannot hide, reorder or
+# spoof anything. Anywhere else (at an end, beside a space) they are refused like any Cf.
+_JOINERS = {"\u200c", "\u200d"}  # ZERO WIDTH NON-JOINER, ZERO WIDTH JOINER
 _MARKUP = set("<>")
+_NOT_ZONES = {"localtime", "posixrules", "Factory"}  # this host's files, not places
 
 
 @dataclass(frozen=True)
@@ -70,13 +88,28 @@ def check_name(raw: str, field: str, *, required: bool) -> str | None:
         return None
     if len(value) > NAME_MAX:
         raise InputError(field, f"is {len(value)} characters long; shorten it to {NAME_MAX}")
-    for char in value:
-        if char == "\t" or unicodedata.category(char) in _REFUSED_CATEGORIES:
-            name = unicodedata.name(char, f"U+{ord(char):04X}")
-            raise InputError(field, f"contains a control character ({name}); remove it")
+    for i, char in enumerate(value):
+        kind = "a control character" if char == "\t" else _refused_kind(value, i)
+        if kind:
+            raise InputError(field, f"contains {kind}, {_code_point(char)}; remove it")
         if char in _MARKUP:
             raise InputError(field, f"contains {char!r}; names cannot contain < or >")
     return value
+
+
+def _refused_kind(value: str, i: int) -> str | None:
+    """What makes value[i] unfit for a name (see _REFUSED_CATEGORIES), or None."""
+    char = value[i]
+    if char in _JOINERS and 0 < i < len(value) - 1:
+        if all(unicodedata.category(c)[0] in "LM" for c in (value[i - 1], value[i + 1])):
+            return None
+    return _REFUSED_CATEGORIES.get(unicodedata.category(char))
+
+
+def _code_point(char: str) -> str:
+    """U+202E (RIGHT-TO-LEFT OVERRIDE): ASCII, so the character itself is never echoed."""
+    name = unicodedata.name(char, "")
+    return f"U+{ord(char):04X}" + (f" ({name})" if name else "")
 
 
 @lru_cache(maxsize=1024)
@@ -84,15 +117,34 @@ def zone(name: str) -> ZoneInfo:
     return ZoneInfo(name)
 
 
+@lru_cache(maxsize=1)
+def iana_zones() -> frozenset[str]:
+    """The zone names one may give: the IANA database's, including its links for old names
+    (US/Eastern, UTC, Etc/GMT+5), but not the posix/ and right/ copies (right/ counts leap
+    seconds: its clocks run 27 s apart from everyone's) nor a host's own files (localtime)."""
+    return frozenset(
+        name
+        for name in zoneinfo.available_timezones()
+        if not name.startswith(("posix/", "right/")) and name not in _NOT_ZONES
+    )
+
+
+def iana_zone_problem(name: str) -> str | None:
+    """Why `name` is not an IANA time zone, with the fix; None when it is one. The one test
+    for a patient's zone (command line and CSV) and DRIP_CLINIC_TIMEZONE."""
+    if name in iana_zones():
+        return None
+    spelled = next((z for z in sorted(iana_zones()) if z.lower() == name.lower()), None)
+    if spelled:
+        return f"{name!r} is not an IANA time zone; write it {spelled!r}"
+    return f"{name!r} is not an IANA time zone; give its Area/City name, like America/Chicago"
+
+
 def check_timezone(raw: str, default: str) -> str:
     """An IANA zone name such as Europe/London; blank means the clinic's zone."""
     value = raw.strip() or default
-    try:
-        zone(value)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise InputError(
-            "timezone", f"{value!r} is not an IANA time zone; use a name like America/Chicago"
-        ) from None
+    if problem := iana_zone_problem(value):
+        raise InputError("timezone", problem)
     return value
 
 
@@ -103,9 +155,11 @@ def check_first_session(raw: str, tz: str, now: datetime) -> FirstSession | None
         return None
     local_zone = zone(tz)
     try:
-        if _DATE_ONLY.match(value):
+        if _DATE_ONLY.fullmatch(value):
             session = FirstSession(date.fromisoformat(value))
         else:
+            if not _DATE_TIME.fullmatch(value):
+                raise ValueError(value)
             parsed = datetime.fromisoformat(value)
             if parsed.tzinfo is not None:
                 parsed = parsed.astimezone(local_zone).replace(tzinfo=None)
@@ -113,7 +167,7 @@ def check_first_session(raw: str, tz: str, now: datetime) -> FirstSession | None
     except ValueError:
         raise InputError(
             "first_session",
-            f"{value!r} is not a date or date-time; write it like 2026-12-03 or 2026-12-03T14:30",
+            f"{value!r} is not a date or date-time; write it like {FIRST_SESSION_FORMS}",
         ) from None
     starts = local_to_utc(session.on, session.at or time(0), local_zone)
     if starts < now - FIRST_SESSION_PAST:

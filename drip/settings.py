@@ -16,13 +16,13 @@ from email.headerregistry import Address
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from drip.addresses import split_from
+from drip.addresses import one_mailbox
 from drip.clock import Clock, parse_instant, read_clock_file, utcnow
 from drip.durations import format_duration, parse_duration
 from drip.errors import ConfigError
 from drip.paths import TEMPLATES
+from drip.patients import iana_zone_problem
 from drip.planning import SendWindow
 from drip.wording import sensitive_words
 
@@ -269,36 +269,33 @@ def _now_file(name: str, raw: str) -> dict[str, Any]:
 
 
 def _zone(name: str, raw: str) -> dict[str, Any]:
-    try:
-        ZoneInfo(raw)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(
-            f"{name}={raw!r} is not an IANA time zone; use a name like America/New_York"
-        ) from None
+    if problem := iana_zone_problem(raw):
+        raise ConfigError(f"{name}={problem}")
     return {"clinic_timezone": raw}
 
 
 def _from(name: str, raw: str) -> dict[str, Any]:
     """One mailbox with a display name (a comma in it is fine: it is quoted when sent). The
-    name shows on lock screens, so it may not name a drug, condition or treatment."""
-    display, addr = split_from(raw)
+    name shows on lock screens, so it may not name a drug, condition or treatment. An
+    international domain is kept in its xn-- form, which the relay and every header take."""
+    example = 'e.g. "Lakeside Clinic <care@lakeside.example>"'
+    try:
+        display, addr = one_mailbox(raw)
+    except ValueError as e:
+        raise ConfigError(f"{name} {e}; set it to one mailbox on one line, {example}") from None
     try:
         Address(display_name=display, addr_spec=addr)
     except (ValueError, IndexError):
         display = ""
-    if not display or "@" not in addr:
-        raise ConfigError(
-            f"{name}={raw!r} needs a display name and an address, "
-            'e.g. "Lakeside Clinic <care@lakeside.example>"'
-        )
+    if not display:
+        raise ConfigError(f"{name}={raw!r} needs a display name and an address, {example}")
     found = sensitive_words(display)
     if found:
         raise ConfigError(
             f"{name}'s display name {display!r} contains {found[0]!r}, which lock screens and "
-            "shared inboxes would show; use the clinic's plain name, e.g. "
-            '"Lakeside Clinic <care@lakeside.example>"'
+            f"shared inboxes would show; use the clinic's plain name, {example}"
         )
-    return {"from_address": raw}
+    return {"from_address": f"{raw[: raw.rindex('<')]}<{addr}>"}
 
 
 def _database_url(name: str, raw: str) -> dict[str, Any]:

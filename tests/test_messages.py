@@ -265,3 +265,15 @@ def test_quoted_printable_agrees_with_the_standard_library_on_awkward_texts() ->
     rng = random.Random(2045)
     for _ in range(5000):
         _check_quoted_printable(_awkward_text(rng))
+
+
+def test_a_from_with_an_international_domain_is_sent_in_its_xn_form() -> None:
+    settings = Settings.from_env({"DRIP_FROM": "Clínica Lago <care@clínica.example>"})
+    message = parse(build(from_address=settings.from_address))
+    address = message["From"].addresses[0]
+    assert (address.display_name, address.addr_spec) == (
+        "Clínica Lago",
+        "care@xn--clnica-4va.example",
+    )
+    assert envelope_from(settings.from_address) == "care@xn--clnica-4va.example"
+    assert make_message_id(settings.from_address).endswith("@xn--clnica-4va.example>")

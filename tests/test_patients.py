@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, date, datetime, time
+from pathlib import Path
 
 import pytest
+from click.testing import Result
+from sqlalchemy import Engine, func, select
 
 from drip.errors import InputError
+from drip.models import Patient
 from drip.patients import (
     PatientInput,
     check_email,
@@ -51,9 +56,50 @@ def test_no_dns_look_up_is_made_for_an_address() -> None:
     assert check_email("ana@no-such-domain-7f3a9.com") == "ana@no-such-domain-7f3a9.com"
 
 
-@pytest.mark.parametrize("name", ["Ana", "O'Brien", "Zoë", "José-María", "李小龙", "A" * 100])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Ana",
+        "O'Brien",
+        "Zoë",
+        "José-María",
+        "李小龙",
+        "Nguyễn",
+        "A" * 100,
+        "\u0645\u06cc\u200c\u0646\u0627",  # Persian: a ZWNJ between two Arabic letters
+        "\u0915\u094d\u200d\u0937",  # Devanagari: a ZWJ after a virama (a half form)
+    ],
+)
 def test_good_names_pass(name: str) -> None:
     assert check_name(name, "first_name", required=True) == name
+
+
+def test_a_name_typed_with_a_combining_accent_is_stored_composed() -> None:
+    assert check_name("Zoe\u0308", "first_name", required=True) == "Zoë"
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [
+        ("Ana\u202eeeL", "U+202E"),  # right-to-left override: shows as "AnaLee" reversed
+        ("Ana\u200bLee", "U+200B"),  # zero width space
+        ("\ufeffAna", "U+FEFF"),  # a byte-order mark pasted at the start
+        ("Ana\U000e0041\U000e0042", "U+E0041"),  # tag characters: invisible text
+        ("Ana\u2066Lee", "U+2066"),  # left-to-right isolate
+        ("Ana\ue000", "U+E000"),  # private use
+        ("Ana\u0378", "U+0378"),  # unassigned
+        ("Ana\ud800", "U+D800"),  # a lone surrogate
+        ("\u200dAna", "U+200D"),  # a joiner with nothing to join
+        ("Ana\u200c", "U+200C"),
+        ("Ana \u200cLee", "U+200C"),
+    ],
+)
+def test_invisible_and_format_characters_are_refused_by_code_point(name: str, code: str) -> None:
+    with pytest.raises(InputError) as caught:
+        check_name(name, "last_name", required=True)
+    reason = caught.value.reason
+    assert caught.value.field == "last_name" and code in reason and "remove it" in reason
+    assert reason.isascii()  # named as U+XXXX, never echoed raw
 
 
 @pytest.mark.parametrize(
@@ -67,7 +113,7 @@ def test_good_names_pass(name: str) -> None:
         ("Ana\x00", "control"),
         ("Ana\tLee", "control"),
         ("Ana\x1b[31m", "control"),
-        ("Ana\u2028Lee", "control"),
+        ("Ana\u2028Lee", "line break"),
         ("<b>Ana</b>", "cannot contain"),
     ],
 )
@@ -89,6 +135,25 @@ def test_a_blank_zone_is_the_clinics_and_a_bad_zone_is_refused() -> None:
             check_timezone(bad, "America/New_York")
 
 
+@pytest.mark.parametrize(
+    "bad", ["localtime", "Factory", "posixrules", "posix/Asia/Tokyo", "right/America/New_York"]
+)
+def test_zone_files_that_are_not_iana_zones_are_refused(bad: str) -> None:
+    with pytest.raises(InputError) as caught:
+        check_timezone(bad, "America/New_York")
+    assert caught.value.field == "timezone" and "Area/City" in caught.value.reason
+
+
+@pytest.mark.parametrize("good", ["US/Eastern", "UTC", "Etc/GMT+5", "Asia/Kolkata"])
+def test_legacy_iana_names_are_still_zones(good: str) -> None:
+    assert check_timezone(good, "America/New_York") == good
+
+
+def test_a_zone_in_the_wrong_case_is_refused_with_its_spelling() -> None:
+    with pytest.raises(InputError, match="'Europe/London'"):
+        check_timezone("europe/london", "America/New_York")
+
+
 def test_a_first_session_is_a_date_or_a_date_time_in_the_patients_zone() -> None:
     tz = "America/Chicago"
     assert check_first_session("2026-11-03", tz, NOW) == FirstSession(date(2026, 11, 3))
@@ -102,6 +167,12 @@ def test_a_first_session_is_a_date_or_a_date_time_in_the_patients_zone() -> None
     assert check_first_session("2026-11-03T20:30+00:00", tz, NOW) == FirstSession(
         date(2026, 11, 3), time(14, 30)
     )
+    assert check_first_session("2026-11-03T14:30:00", tz, NOW) == FirstSession(
+        date(2026, 11, 3), time(14, 30)
+    )
+    assert check_first_session("2026-11-03T20:30Z", tz, NOW) == FirstSession(
+        date(2026, 11, 3), time(14, 30)
+    )
     assert check_first_session("", tz, NOW) is None
 
 
@@ -109,6 +180,12 @@ def test_a_first_session_is_a_date_or_a_date_time_in_the_patients_zone() -> None
     ("raw", "reason"),
     [
         ("03/11/2026", "not a date"),
+        ("20261203", "not a date"),
+        ("2026-W49-4", "not a date"),
+        ("2026-337", "not a date"),
+        ("2026-12-03T14", "not a date"),
+        ("2026-12-03T1430", "not a date"),
+        ("2026-12-03T14:30:00.5", "not a date"),
         ("2026-13-01", "not a date"),
         ("next week", "not a date"),
         ("2026-09-29", "30 days ago"),
@@ -151,3 +228,37 @@ def test_check_patient_returns_the_clean_patient() -> None:
         "Ana@example.com", "Ana", None, "America/New_York", FirstSession(date(2026, 11, 5))
     )
     assert patient.email_key == "ana@example.com"
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "field"),
+    [
+        ("--timezone", "right/America/New_York", "timezone"),
+        ("--timezone", "localtime", "timezone"),
+        ("--first-session", "20261203", "first_session"),
+        ("--first-name", "Ana\u202eeeL", "first_name"),
+    ],
+)
+def test_the_command_line_and_a_csv_refuse_the_same_values(
+    drip: Callable[..., Result], engine: Engine, tmp_path: Path, option: str, value: str, field: str
+) -> None:
+    fields = {"--first-name": "Ana", "--timezone": "Europe/London", "--first-session": ""}
+    fields[option] = value
+    one = drip(
+        "enroll", "ana@example.com", "--campaign", "ketamine-onboarding",
+        *(part for name, given in fields.items() if given for part in (name, given)),
+    )  # fmt: skip
+    csv = tmp_path / "patients.csv"
+    csv.write_text(
+        "email,first_name,timezone,first_session\n"
+        f"ana@example.com,{fields['--first-name']},{fields['--timezone']},"
+        f"{fields['--first-session']}\n",
+        encoding="utf-8",
+    )
+    many = drip("enroll", "--csv", str(csv), "--campaign", "ketamine-onboarding")
+    for result in (one, many):
+        assert result.exit_code == 1, result.output
+        assert f"{field}:" in result.stderr and "Traceback" not in result.output
+        assert "\u202e" not in result.output
+    with engine.connect() as c:
+        assert c.scalar(select(func.count()).select_from(Patient)) == 0

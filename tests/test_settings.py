@@ -313,3 +313,56 @@ def test_drip_from_naming_a_sensitive_word_is_refused(value: str, word: str) -> 
     with pytest.raises(ConfigError) as caught:
         Settings.from_env({"DRIP_FROM": value})
     assert "DRIP_FROM" in str(caught.value) and repr(word) in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "value", ["localtime", "Factory", "posixrules", "posix/Asia/Tokyo", "right/America/New_York"]
+)
+def test_a_clinic_zone_that_is_a_zone_file_but_no_iana_zone_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"DRIP_CLINIC_TIMEZONE": value, "DRIP_SECRET_KEY": TEST_SECRET})
+    assert "DRIP_CLINIC_TIMEZONE" in str(caught.value) and "Area/City" in str(caught.value)
+
+
+def test_a_clinic_zone_may_be_a_legacy_iana_name() -> None:
+    env = {"DRIP_CLINIC_TIMEZONE": "US/Eastern", "DRIP_SECRET_KEY": TEST_SECRET}
+    settings = Settings.from_env(env)
+    assert settings.clinic_timezone == "US/Eastern"
+
+
+@pytest.mark.parametrize(
+    ("value", "stored"),
+    [
+        ("Clinic <care@клиника.example>", "Clinic <care@xn--80apagcdp.example>"),
+        ('"Lakeside, LLC" <care@Bücher.example>', '"Lakeside, LLC" <care@xn--bcher-kva.example>'),
+    ],
+)
+def test_drip_from_with_an_international_domain_is_kept_in_its_xn_form(
+    value: str, stored: str
+) -> None:
+    assert Settings.from_env({"DRIP_FROM": value}).from_address == stored
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("Clinic <кира@clinic.example>", "ASCII"),
+        ("Clinic\r\n <care@clinic.example>", "U+000D"),
+        ("Clinic <care@clinic.example\r\n>", "U+000D"),
+        ("Clinic\x00 <care@clinic.example>", "U+0000"),
+        ("Clinic\t<care@clinic.example>", "U+0009"),
+        ("Clinic\u202e <care@clinic.example>", "U+202E"),
+        ("Clinic <care@clinic.example>\nBcc: x@y.example", "U+000A"),
+        ("a@x.example, b@y.example", "one address"),
+        ('"A" <a@x.example>, <b@y.example>', "one address"),
+        ("A <a@x.example>, B <b@x.example>", "one address"),
+        ("Clinic <a@x.example, b@y.example>", "one address"),
+        ("Clinic <a@x.example>, b@y.example", "one address"),
+    ],
+)
+def test_drip_from_with_a_line_break_or_two_addresses_is_refused(value: str, says: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"DRIP_FROM": value})
+    message = str(caught.value)
+    assert message.startswith("DRIP_FROM") and says in message
+    assert "\r" not in message and "\n" not in message and "\x00" not in message

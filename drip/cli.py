@@ -8,6 +8,7 @@ from __future__ import annotations
 import getpass
 import io
 import os
+import sqlite3
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from drip.messages import Recipient
 
 T = TypeVar("T")
+INTERRUPTED = 128 + 2  # a shell's exit code for a process ended by SIGINT
 
 
 @dataclass
@@ -92,7 +94,8 @@ def _user() -> str:
 
 
 class DripGroup(click.Group):
-    """Turns a DripError (or a database that cannot be reached) into a message and exit code 1."""
+    """Turns a DripError (or a database that cannot be reached or is busy) into a message and
+    exit code 1, and Ctrl-C into one line and the shell's 130 (Click would say "Aborted!", 1)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -104,8 +107,11 @@ class DripGroup(click.Group):
                 "another process changed the same patient at the same moment; nothing was "
                 "written; run the command again"
             ) from None
-        except OperationalError as e:
-            raise click.ClickException(f"database error, nothing was written: {e.orig}") from None
+        except (OperationalError, sqlite3.OperationalError) as e:
+            raise click.ClickException(db.explain(e)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            raise click.exceptions.Exit(INTERRUPTED) from None
 
 
 pass_app = click.make_pass_decorator(App)

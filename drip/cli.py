@@ -465,7 +465,7 @@ patient_email_option = click.option(
 @click.option(
     "--format", "fmt", type=click.Choice(["html", "text", "eml"]), default="html", show_default=True
 )
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write it here.")
+@click.option("--out", type=click.Path(path_type=Path), help="Write it here.")
 @click.option("--open", "open_it", is_flag=True, help="Open it (in --out, or a temporary file).")
 @pass_app
 def preview_email(
@@ -486,11 +486,11 @@ def preview_email(
     data = preview.as_format(preview.preview(app.settings, chosen, step, who, now=app.now()), fmt)
     if open_it:
         path = out or _temporary_file(preview.SUFFIXES[fmt])
-        path.write_bytes(data)
+        _write_out(path, data, preview.SUFFIXES[fmt])
         click.echo(f"opening {path}", err=True)
         click.launch(str(path))
     elif out is not None:
-        out.write_bytes(data)
+        _write_out(out, data, preview.SUFFIXES[fmt])
         click.echo(f"wrote {out} ({len(data):,} bytes)")
     else:
         click.echo(data, nl=False)  # bytes go to the binary stream as they are
@@ -528,6 +528,23 @@ def _recipient(app: App, email: str | None) -> Recipient:
         return SAMPLE_PATIENT
     with app.transaction() as session:
         return preview.recipient(session, email)
+
+
+def _write_out(path: Path, data: bytes, suffix: str) -> None:
+    """Write --out, or say why that path cannot be written and what to give instead."""
+    try:
+        path.write_bytes(data)
+    except IsADirectoryError:
+        why = f"is a folder; give a file in it, like {path / ('preview' + suffix)}"
+    except FileNotFoundError:
+        why = f"cannot be written: the folder {path.parent} does not exist; create it first"
+    except PermissionError:
+        why = "cannot be written: permission denied; give a file in a folder you can write to"
+    except OSError as e:
+        why = f"cannot be written ({e.strerror}); give a file in a folder you can write to"
+    else:
+        return
+    raise InputError("--out", f"{path} {why}")
 
 
 def _temporary_file(suffix: str) -> Path:

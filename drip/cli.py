@@ -285,11 +285,13 @@ def _progress(total: Callable[[], int] | None) -> Iterator[Callable[[int], None]
 @pass_app
 def timeline(app: App, email: str, as_json: bool) -> None:
     """Every planned email of a patient: step, due time in their zone and in UTC, state."""
+    loaded, broken = load_all(app.settings.templates_dir)
     with app.transaction() as session:
         patient = enrolment.find_patient(session, email)
-        campaigns = {c.slug: c for c in load_all(app.settings.templates_dir)}
-        entries = build_timeline(session, patient, campaigns)
+        entries = build_timeline(session, patient, {c.slug: c for c in loaded})
         tz = patient.timezone
+    for slug in sorted({e.campaign for e in entries} & set(broken)):
+        _warn(f"{broken[slug]}; {slug}'s emails are listed in the order they were planned")
     if as_json:
         echo_json([e.as_json() for e in entries])
         return
@@ -310,6 +312,10 @@ def timeline(app: App, email: str, as_json: bool) -> None:
             for e in entries
         ],
     )
+
+
+def _warn(message: str) -> None:
+    click.echo(f"warning: {message}", err=True)
 
 
 def _change(
@@ -418,7 +424,9 @@ def campaigns() -> None:
 @pass_app
 def campaigns_list(app: App, as_json: bool) -> None:
     """Every campaign with its steps in order."""
-    found = load_all(app.settings.templates_dir)
+    found, broken = load_all(app.settings.templates_dir)
+    for error in broken.values():
+        _warn(f"{error}; this campaign is left out (see `drip campaigns validate`)")
     if as_json:
         echo_json(
             [

@@ -305,8 +305,9 @@ DATABASE_DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql", "postgres", "post
 
 
 def _database_url(name: str, raw: str) -> dict[str, Any]:
-    """sqlite, or PostgreSQL spelled postgres://, postgresql:// or postgresql+driver:// (the
-    engine maps the first two to psycopg 3; SQLAlchemy knows no `postgres+driver`)."""
+    """sqlite, or PostgreSQL spelled postgres://, postgresql:// or postgresql+psycopg:// (the
+    engine maps the first two to psycopg 3; SQLAlchemy knows no `postgres+driver`). Any other
+    driver is refused here, not by SQLAlchemy's NoSuchModuleError when the engine is made."""
     if raw.lower().startswith("postgres+"):
         raise ConfigError(f"{name} names a driver after postgres+; write postgresql+psycopg://…")
     example = "sqlite:///var/drip.db or postgresql://…"

@@ -106,8 +106,16 @@ def load_campaign(templates_dir: Path, slug: str) -> Campaign:
     )
 
 
-def load_all(templates_dir: Path) -> list[Campaign]:
-    return [load_campaign(templates_dir, slug) for slug in campaign_slugs(templates_dir)]
+def load_all(templates_dir: Path) -> tuple[list[Campaign], dict[str, CampaignError]]:
+    """Every campaign that loads, and by slug the error of each that does not: one broken
+    folder must not hide the others."""
+    loaded, broken = [], {}
+    for slug in campaign_slugs(templates_dir):
+        try:
+            loaded.append(load_campaign(templates_dir, slug))
+        except CampaignError as e:
+            broken[slug] = e
+    return loaded, broken
 
 
 def _step(source: Path, index: int, raw: Any) -> Step:

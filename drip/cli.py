@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import sqlite3
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from drip.messages import Recipient
 
 T = TypeVar("T")
+INTERRUPTED = 128 + 2  # a shell's exit code for a process ended by SIGINT
 
 
 @dataclass
@@ -91,7 +93,8 @@ def _user() -> str:
 
 
 class DripGroup(click.Group):
-    """Turns a DripError (or a database that cannot be reached) into a message and exit code 1."""
+    """Turns a DripError (or a database that cannot be reached or is busy) into a message and
+    exit code 1, and Ctrl-C into one line and the shell's 130 (Click would say "Aborted!", 1)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -103,8 +106,11 @@ class DripGroup(click.Group):
                 "another process changed the same patient at the same moment; nothing was "
                 "written; run the command again"
             ) from None
-        except OperationalError as e:
-            raise click.ClickException(f"database error, nothing was written: {e.orig}") from None
+        except (OperationalError, sqlite3.OperationalError) as e:
+            raise click.ClickException(db.explain(e)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            raise click.exceptions.Exit(INTERRUPTED) from None
 
 
 pass_app = click.make_pass_decorator(App)
@@ -287,11 +293,13 @@ def _progress(total: Callable[[], int] | None) -> Iterator[Callable[[int], None]
 @pass_app
 def timeline(app: App, email: str, as_json: bool) -> None:
     """Every planned email of a patient: step, due time in their zone and in UTC, state."""
+    loaded, broken = load_all(app.settings.templates_dir)
     with app.transaction() as session:
         patient = enrolment.find_patient(session, email)
-        campaigns = {c.slug: c for c in load_all(app.settings.templates_dir)}
-        entries = build_timeline(session, patient, campaigns)
+        entries = build_timeline(session, patient, {c.slug: c for c in loaded})
         tz = patient.timezone
+    for slug in sorted({e.campaign for e in entries} & set(broken)):
+        _warn(f"{broken[slug]}; {slug}'s emails are listed in the order they were planned")
     if as_json:
         echo_json([e.as_json() for e in entries])
         return
@@ -317,6 +325,10 @@ def timeline(app: App, email: str, as_json: bool) -> None:
 def _campaign_label(campaign: str, status: str) -> str:
     """A paused or ended enrolment says so beside its campaign: its rows still read `scheduled`."""
     return campaign if status == "active" else f"{campaign} ({status})"
+
+
+def _warn(message: str) -> None:
+    click.echo(f"warning: {message}", err=True)
 
 
 def _change(
@@ -425,7 +437,9 @@ def campaigns() -> None:
 @pass_app
 def campaigns_list(app: App, as_json: bool) -> None:
     """Every campaign with its steps in order."""
-    found = load_all(app.settings.templates_dir)
+    found, broken = load_all(app.settings.templates_dir)
+    for error in broken.values():
+        _warn(f"{error}; this campaign is left out (see `drip campaigns validate`)")
     if as_json:
         echo_json(
             [
@@ -472,7 +486,7 @@ patient_email_option = click.option(
 @click.option(
     "--format", "fmt", type=click.Choice(["html", "text", "eml"]), default="html", show_default=True
 )
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write it here.")
+@click.option("--out", type=click.Path(path_type=Path), help="Write it here.")
 @click.option("--open", "open_it", is_flag=True, help="Open it (in --out, or a temporary file).")
 @pass_app
 def preview_email(
@@ -493,11 +507,11 @@ def preview_email(
     data = preview.as_format(preview.preview(app.settings, chosen, step, who, now=app.now()), fmt)
     if open_it:
         path = out or _temporary_file(preview.SUFFIXES[fmt])
-        path.write_bytes(data)
+        _write_out(path, data, preview.SUFFIXES[fmt])
         click.echo(f"opening {path}", err=True)
         click.launch(str(path))
     elif out is not None:
-        out.write_bytes(data)
+        _write_out(out, data, preview.SUFFIXES[fmt])
         click.echo(f"wrote {out} ({len(data):,} bytes)")
     else:
         click.echo(data, nl=False)  # bytes go to the binary stream as they are
@@ -535,6 +549,23 @@ def _recipient(app: App, email: str | None) -> Recipient:
         return SAMPLE_PATIENT
     with app.transaction() as session:
         return preview.recipient(session, email)
+
+
+def _write_out(path: Path, data: bytes, suffix: str) -> None:
+    """Write --out, or say why that path cannot be written and what to give instead."""
+    try:
+        path.write_bytes(data)
+    except IsADirectoryError:
+        why = f"is a folder; give a file in it, like {path / ('preview' + suffix)}"
+    except FileNotFoundError:
+        why = f"cannot be written: the folder {path.parent} does not exist; create it first"
+    except PermissionError:
+        why = "cannot be written: permission denied; give a file in a folder you can write to"
+    except OSError as e:
+        why = f"cannot be written ({e.strerror}); give a file in a folder you can write to"
+    else:
+        return
+    raise InputError("--out", f"{path} {why}")
 
 
 def _temporary_file(suffix: str) -> Path:

@@ -53,11 +53,32 @@ def parse_instant(text: str) -> datetime:
     return value.astimezone(UTC)
 
 
+# A calendar started at year 9999 or 0001 overflows the first date planned from it; drip plans
+# within this century and the next.
+CALENDAR = (datetime(2000, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC))
+
+
+def parse_calendar_instant(text: str) -> datetime:
+    """parse_instant, for a calendar to run from (DRIP_NOW, DRIP_NOW_FILE); ValueError saying
+    what is wrong, written to follow the value it is about."""
+    earliest, latest = CALENDAR
+    outside = f"is outside {earliest:%Y-%m-%d} to {latest:%Y-%m-%d}, the range drip plans in"
+    try:
+        value = parse_instant(text)
+    except OverflowError:  # in range as written, beyond year 9999 in UTC
+        raise ValueError(outside) from None
+    except ValueError:
+        raise ValueError("is not an ISO-8601 instant") from None
+    if not earliest <= value < latest:
+        raise ValueError(outside)
+    return value
+
+
 def read_clock_file(path: Path) -> datetime:
     """The instant written in `path`, moved on by the time since it was written."""
     stat = path.stat()
     written = datetime.fromtimestamp(stat.st_mtime, UTC)
-    return parse_instant(path.read_text()) + (utcnow() - written)
+    return parse_calendar_instant(path.read_text()) + (utcnow() - written)
 
 
 def write_clock_file(path: Path, instant: datetime) -> None:

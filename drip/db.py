@@ -55,8 +55,9 @@ SQLITE_BUSY_MS = 30_000
 MAX_CLOCK_SKEW = timedelta(seconds=2)
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for a DRIP_DATABASE_URL; `postgresql://` uses psycopg 3."""
+def make_engine(url: str, *, busy_ms: int = SQLITE_BUSY_MS, **kwargs: Any) -> Engine:
+    """An engine for a DRIP_DATABASE_URL; `postgresql://` uses psycopg 3. On SQLite, a writer
+    waits up to `busy_ms` for another process's write lock."""
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -64,7 +65,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() == "sqlite":
-        return _sqlite_engine(parsed.database, str(parsed), **kwargs)
+        return _sqlite_engine(parsed.database, str(parsed), busy_ms, **kwargs)
     # No server-side prepared statements: psycopg prepares a query after 5 runs, and PostgreSQL
     # then keeps the plan made while a table was small (a lookup seq-scanning 100,000 patients
     # within one long CSV transaction, 35x slower). Planning each time costs well under 1 ms.
@@ -72,29 +73,29 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args, **kwargs)
 
 
-def _sqlite_engine(database: str | None, url: str, **kwargs: Any) -> Engine:
+def _sqlite_engine(database: str | None, url: str, busy_ms: int, **kwargs: Any) -> Engine:
     if database and database != ":memory:" and not database.startswith("file:"):
         Path(database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_MS / 1000}, **kwargs)
+    engine = create_engine(url, connect_args={"timeout": busy_ms / 1000}, **kwargs)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # let SQLAlchemy's "begin" below decide
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+        cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        begin_immediate(conn.connection.dbapi_connection)
+        begin_immediate(conn.connection.dbapi_connection, busy_ms)
 
     return engine
 
 
-def begin_immediate(raw: Any) -> None:
+def begin_immediate(raw: Any, busy_ms: int = SQLITE_BUSY_MS) -> None:
     """BEGIN IMMEDIATE, waiting for the write lock in short, jittered steps.
 
     SQLite's own busy handler sleeps 1 ms, then 2, 5, 10… while another process holds the lock,
@@ -103,7 +104,7 @@ def begin_immediate(raw: Any) -> None:
     for the lock at BEGIN is done here; statements inside the transaction keep busy_timeout."""
     raw.execute("PRAGMA busy_timeout=0")
     try:
-        deadline = time.monotonic() + SQLITE_BUSY_MS / 1000
+        deadline = time.monotonic() + busy_ms / 1000
         pause = 0.00002
         while True:
             try:
@@ -115,7 +116,20 @@ def begin_immediate(raw: Any) -> None:
             time.sleep(pause * (0.5 + random.random()))
             pause = min(pause * 2, 0.0002)
     finally:
-        raw.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+        raw.execute(f"PRAGMA busy_timeout={busy_ms}")
+
+
+def explain(error: OperationalError | sqlite3.OperationalError) -> str:
+    """What a database error that ended a command means for the person who ran it. (SQLite's
+    BEGIN IMMEDIATE, run from the engine's "begin" event, raises the driver's own error.)"""
+    reason = error.orig if isinstance(error, OperationalError) else error
+    if "database is locked" in str(reason):
+        return (
+            "the database is busy: another process has held its write lock for longer than "
+            "drip waits (usually a running `drip enroll --csv`, a worker sending a batch, or "
+            "another tool with the file open); nothing was written; try again in a moment"
+        )
+    return f"database error, nothing was written: {reason}"
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -19,6 +19,9 @@ from drip.models import (
 )
 
 RETRYABLE = states.RETRYABLE
+# Ids are INTEGER columns: 32 bits on PostgreSQL (a DataError past it), and SQLite's never get
+# that far (it would raise OverflowError past 64 bits). An id beyond is one no delivery has.
+MAX_ID = 2**31 - 1
 
 
 def list_deliveries(
@@ -58,7 +61,7 @@ def retry(session: Session, ids: list[int], *, now: datetime, actor: str) -> int
         select(Delivery, Enrolment, Patient)
         .join(Enrolment, Enrolment.id == Delivery.enrolment_id)
         .join(Patient, Patient.id == Enrolment.patient_id)
-        .where(Delivery.id.in_(ids))
+        .where(Delivery.id.in_([i for i in ids if 0 < i <= MAX_ID]))
     )
     found = {d.id: (d, e, p) for d, e, p in rows}
     missing = sorted(set(ids) - set(found))

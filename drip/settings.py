@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from drip.addresses import one_mailbox
-from drip.clock import Clock, parse_instant, read_clock_file, utcnow
+from drip.clock import Clock, parse_calendar_instant, read_clock_file, utcnow
 from drip.durations import format_duration, parse_duration
 from drip.errors import ConfigError
 from drip.paths import TEMPLATES
@@ -252,19 +252,21 @@ def _window(name: str, raw: str) -> dict[str, Any]:
 def _now(name: str, raw: str) -> dict[str, Any]:
     """The instant, and the real one at which the calendar reads it: now, as settings are read."""
     try:
-        return {"now": parse_instant(raw), "now_anchor": utcnow()}
-    except ValueError:
-        raise ConfigError(
-            f"{name}={raw!r} is not an ISO-8601 instant; set it like 2026-11-01T09:00:00-05:00"
-        ) from None
+        return {"now": parse_calendar_instant(raw), "now_anchor": utcnow()}
+    except ValueError as e:
+        raise ConfigError(f"{name}={raw!r} {e}; set it like 2026-11-01T09:00:00-05:00") from None
 
 
 def _now_file(name: str, raw: str) -> dict[str, Any]:
     path = Path(raw)
     try:
         read_clock_file(path)
-    except (OSError, ValueError):
+    except OSError:
         raise ConfigError(f"{name}={raw!r} must name a file holding an ISO-8601 instant") from None
+    except ValueError as e:
+        raise ConfigError(
+            f"{name}={raw!r}: the instant in the file {e}; write one like 2026-11-01T09:00:00-05:00"
+        ) from None
     return {"now_file": path}
 
 
@@ -298,12 +300,24 @@ def _from(name: str, raw: str) -> dict[str, Any]:
     return {"from_address": f"{raw[: raw.rindex('<')]}<{addr}>"}
 
 
+# The drivers drip is written for (psycopg 3's COPY and prepare_threshold, the pysqlite dialect).
+DATABASE_DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql", "postgres", "postgresql+psycopg")
+
+
 def _database_url(name: str, raw: str) -> dict[str, Any]:
-    """sqlite, or PostgreSQL spelled postgres://, postgresql:// or postgresql+driver:// (the
-    engine maps the first two to psycopg 3; SQLAlchemy knows no `postgres+driver`)."""
+    """sqlite, or PostgreSQL spelled postgres://, postgresql:// or postgresql+psycopg:// (the
+    engine maps the first two to psycopg 3; SQLAlchemy knows no `postgres+driver`). Any other
+    driver is refused here, not by SQLAlchemy's NoSuchModuleError when the engine is made."""
     if raw.lower().startswith("postgres+"):
         raise ConfigError(f"{name} names a driver after postgres+; write postgresql+psycopg://…")
     example = "sqlite:///var/drip.db or postgresql://…"
+    scheme = raw.split(":", 1)[0].lower()
+    if "+" in scheme and scheme not in DATABASE_DRIVERS:
+        raise ConfigError(
+            f"{name} names the driver {scheme.split('+', 1)[1]!r}, which drip does not use; "
+            f"drip supports {', '.join(DATABASE_DRIVERS)} (postgresql:// means psycopg 3), "
+            f"e.g. {example}"
+        )
     return _url("database_url", ("sqlite", "postgresql", "postgres"), example)(name, raw)
 
 

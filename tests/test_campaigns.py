@@ -1,15 +1,23 @@
 from __future__ import annotations
 
+import json
+import shutil
+from collections.abc import Callable
 from datetime import time, timedelta
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner, Result
 
 from drip.campaigns import load_all, load_campaign
+from drip.cli import App, cli
 from drip.errors import CampaignError, NotFound
 from drip.settings import PROJECT_ROOT
+from tests.conftest import TEST_SECRET
 
 TEMPLATES = PROJECT_ROOT / "templates" / "emails"
+CAMPAIGN = "ketamine-onboarding"
+Drip = Callable[..., Result]
 
 
 def test_the_shipped_campaign_loads_with_its_steps_in_order() -> None:
@@ -27,7 +35,7 @@ def test_the_shipped_campaign_loads_with_its_steps_in_order() -> None:
     before = campaign.step("before-first-session")
     assert before.anchor == "first_session" and before.offset == timedelta(days=-2)
     assert before.send_at == time(10, 0) and before.late == "skip"
-    assert [c.slug for c in load_all(TEMPLATES)] == ["ketamine-onboarding"]
+    assert [c.slug for c in load_all(TEMPLATES)[0]] == ["ketamine-onboarding"]
 
 
 def test_an_unknown_campaign_names_the_ones_that_exist() -> None:
@@ -103,3 +111,51 @@ def test_a_control_character_in_the_subject_is_refused_when_loaded(tmp_path: Pat
     body = '[[steps]]\nkey = "a"\nsubject = "Hi\\u000bthere"\n'
     with pytest.raises(CampaignError, match="control character"):
         load_campaign(write(tmp_path, body), "c")
+
+
+def _templates_with_a_broken_campaign(tmp_path: Path) -> Path:
+    templates = tmp_path / "emails"
+    shutil.copytree(TEMPLATES, templates)
+    (templates / "broken").mkdir()
+    (templates / "broken" / "campaign.toml").write_text('name = "Broken\n')  # unclosed string
+    return templates
+
+
+def test_one_broken_campaign_leaves_the_others_listed_and_is_named(tmp_path: Path) -> None:
+    templates = _templates_with_a_broken_campaign(tmp_path)
+    found, broken = load_all(templates)
+    assert [c.slug for c in found] == ["ketamine-onboarding"]
+    assert list(broken) == ["broken"] and "not valid TOML" in str(broken["broken"])
+    environ = {"DRIP_SECRET_KEY": TEST_SECRET, "DRIP_TEMPLATES_DIR": str(templates)}
+    for args in (["campaigns", "list"], ["campaigns", "list", "--json"]):
+        result = CliRunner().invoke(cli, args, obj=App(environ=environ))
+        assert result.exit_code == 0, result.output
+        assert "ketamine-onboarding" in result.stdout and "broken" not in result.stdout
+        assert f"warning: {templates / 'broken' / 'campaign.toml'}: not valid TOML" in (
+            result.stderr
+        )
+    listed = json.loads(result.stdout)
+    assert [(c["slug"], c["steps"][0]) for c in listed] == [("ketamine-onboarding", "welcome")]
+
+
+def test_timeline_shows_the_rows_of_a_campaign_that_no_longer_loads(
+    drip: Drip, tmp_path: Path
+) -> None:
+    templates = _templates_with_a_broken_campaign(tmp_path)
+    env = {"DRIP_TEMPLATES_DIR": str(templates)}
+    enrolled = drip("enroll", "ann@example.com", "--campaign", CAMPAIGN, "--first-name", "Ann",
+                    env=env)  # fmt: skip
+    assert enrolled.exit_code == 0, enrolled.output
+    shown = drip("timeline", "ann@example.com", "--json", env=env)
+    assert shown.exit_code == 0 and shown.stderr == ""  # another campaign's folder is broken
+    in_order = [row["step"] for row in json.loads(shown.stdout)]
+
+    toml = templates / CAMPAIGN / "campaign.toml"
+    toml.write_text(toml.read_text() + '\n[[steps]]\nkey = "Bad Key"\n')
+    for args in (["--json"], []):
+        result = drip("timeline", "ann@example.com", *args, env=env)
+        assert result.exit_code == 0, result.output
+        assert f"warning: {toml}: step 9" in result.stderr and "planned" in result.stderr
+    assert [row["step"] for row in json.loads(drip("timeline", "ann@example.com", "--json",
+                                                    env=env).stdout)] == in_order  # fmt: skip
+    assert "welcome" in result.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+import pytest
 from click.testing import Result
 from sqlalchemy import Engine, select, update
 
@@ -73,3 +74,16 @@ def test_retry_refuses_a_paused_enrolment(drip: Drip, engine: Engine) -> None:
         c.execute(update(Enrolment).where(Enrolment.id == 1).values(status="paused"))
     result = drip("retry", "1")
     assert result.exit_code == 1 and "resume it first" in result.stderr
+
+
+@pytest.mark.parametrize("big", ["2147483648", "9223372036854775808", "99999999999999999999999"])
+def test_retry_of_an_id_out_of_range_is_a_bad_id_and_retries_nothing(
+    drip: Drip, engine: Engine, big: str
+) -> None:
+    """PostgreSQL's integer ids end at 2**31 - 1 (a DataError past it), SQLite's at 2**63 - 1
+    (an OverflowError): an id beyond them is one no delivery has."""
+    setup(drip, engine)
+    result = drip("retry", "1", big)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert f"no delivery with id {big}" in result.stderr
+    assert state(engine, 1)[0] == "failed"  # untouched

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from collections.abc import Callable
@@ -283,3 +284,31 @@ def test_a_template_that_is_not_utf8_is_named_not_a_traceback(tmp_path: Path) ->
     )
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     assert "welcome.txt.j2: is not UTF-8 text" in result.output
+
+
+def _unwritable_folder(tmp_path: Path) -> Path:
+    """A folder this process may not create files in: sysfs refuses even root."""
+    if os.geteuid() == 0:
+        return Path("/sys/kernel")
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o500)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("where", "says"),
+    [
+        (lambda tmp: tmp / "no" / "such" / "x.html", "does not exist"),
+        (lambda tmp: tmp, "is a folder"),
+        (lambda tmp: _unwritable_folder(tmp) / "x.html", "permission denied"),
+    ],
+    ids=["missing-folder", "a-folder", "no-permission"],
+)
+def test_out_where_it_cannot_be_written_names_the_path_and_the_fix(
+    preview: Drip, tmp_path: Path, where: Callable[[Path], Path], says: str
+) -> None:
+    out = where(tmp_path)
+    result = preview(CAMPAIGN, "welcome", "--out", str(out))
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert f"--out: {out}" in result.output and says in result.output
+    assert "Traceback" not in result.output

@@ -366,3 +366,40 @@ def test_drip_from_with_a_line_break_or_two_addresses_is_refused(value: str, say
     message = str(caught.value)
     assert message.startswith("DRIP_FROM") and says in message
     assert "\r" not in message and "\n" not in message and "\x00" not in message
+
+
+@pytest.mark.parametrize(
+    "instant",
+    ["9999-12-31T23:59:59", "0001-01-01T00:00:00", "9999-12-31T23:00:00-05:00", "1999-12-31"],
+)
+def test_drip_now_outside_2000_to_2100_is_refused_at_start_up(tmp_path: Path, instant: str) -> None:
+    """A calendar at year 9999 overflows the first date planned after it (OverflowError)."""
+    clock_file = tmp_path / "now"
+    clock_file.write_text(instant)
+    for name, value in (("DRIP_NOW", instant), ("DRIP_NOW_FILE", str(clock_file))):
+        with pytest.raises(ConfigError) as caught:
+            Settings.from_env({name: value, "DRIP_SECRET_KEY": TEST_SECRET})
+        assert name in str(caught.value) and "2000-01-01 to 2100-01-01" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+nope://drip:s3cretPW@db.example/drip",
+        "postgresql+psycopg2://drip:s3cretPW@db.example/drip",
+        "sqlite+nope:///var/drip.db",
+    ],
+)
+def test_a_database_driver_drip_does_not_support_is_refused_without_the_password(
+    url: str,
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"DRIP_DATABASE_URL": url, "DRIP_SECRET_KEY": TEST_SECRET})
+    said = str(caught.value)
+    assert "DRIP_DATABASE_URL" in said and "postgresql+psycopg" in said and "sqlite" in said
+    assert "s3cretPW" not in said
+
+
+def test_sqlite_with_its_own_driver_name_is_accepted() -> None:
+    url = "sqlite+pysqlite:///var/drip.db"
+    assert Settings.from_env({"DRIP_DATABASE_URL": url}).database_url == url

@@ -23,6 +23,7 @@ from drip.models import (
     DELIVERIES,
     ENROLMENTS,
     IN_FLIGHT_STATES,
+    PATIENTS,
     RETRY,
     SCHEDULED,
 )
@@ -43,7 +44,8 @@ def claim_due(session: Session, *, now: datetime, limit: int, lease: timedelta) 
     a nested loop that compares every due row with every enrolment: 250 ms per claim at 5,000
     patients. The subquery cannot be planned that way, whatever the statistics say.
     """
-    if session.get_bind().dialect.name != "sqlite":
+    postgresql = session.get_bind().dialect.name != "sqlite"
+    if postgresql:
         # The planner prices the subquery filter pessimistically (it assumes 0.5% of rows pass),
         # so with a large table the estimate crosses jit_above_cost and every claim would spend
         # 4 ms compiling (130 ms the first time in a session) to run for under one.
@@ -58,7 +60,7 @@ def claim_due(session: Session, *, now: datetime, limit: int, lease: timedelta) 
         if wanted <= 0:
             break
         candidates = (
-            select(D.id, patient)
+            select(D.id, patient, D.expires_at)
             .where(D.state == state, D.due_at <= now, enrolment == ACTIVE)
             .order_by(D.due_at)
             .limit(wanted)
@@ -67,12 +69,29 @@ def claim_due(session: Session, *, now: datetime, limit: int, lease: timedelta) 
         rows = session.execute(candidates).all()
         if not rows:
             continue
-        busy |= _in_flight(session, {p for _, p in rows} - busy)
-        ids = _one_per_patient([(d, p) for d, p in rows], busy)
+        patients = {p for _, p, _ in rows} - busy
+        if postgresql:
+            _lock_patients(session, patients)
+        busy |= _in_flight(session, patients)
+        ids = _one_per_patient([(d, p, x) for d, p, x in rows], busy)
         if ids:
             result = session.execute(states.claim(ids, state, now=now, lease=lease))
             claimed.extend(result.scalars())
     return sorted(claimed)
+
+
+def _lock_patients(session: Session, patient_ids: set[int]) -> None:
+    """PostgreSQL: hold the candidates' patients until this claim commits, in id order (no
+    deadlock). A concurrent ticker that picked another row of one of them (SKIP LOCKED skips
+    only the rows, not the patient) waits here, then sees this claim in its in-flight check
+    (a new statement reads what has committed since): one row per patient in flight, always."""
+    if patient_ids:
+        session.execute(
+            select(PATIENTS.c.id)
+            .where(PATIENTS.c.id.in_(sorted(patient_ids)))
+            .order_by(PATIENTS.c.id)
+            .with_for_update()
+        )
 
 
 def _in_flight(session: Session, patient_ids: set[int]) -> set[int]:
@@ -88,14 +107,21 @@ def _in_flight(session: Session, patient_ids: set[int]) -> set[int]:
     )
 
 
-def _one_per_patient(rows: list[tuple[int, int]], busy: set[int]) -> list[int]:
-    """The first row of each patient not already busy (`busy` grows with the patients taken)."""
-    ids = []
-    for delivery_id, patient_id in rows:
-        if patient_id not in busy:
-            busy.add(patient_id)
-            ids.append(delivery_id)
-    return ids
+def _one_per_patient(
+    rows: list[tuple[int, int, datetime | None]], busy: set[int]
+) -> list[int]:
+    """One row of each patient not already busy (`busy` grows with the patients taken): the
+    one whose step expires soonest (a "before your visit" email must not wait behind one that
+    can), else the first due."""
+    best: dict[int, tuple[int, tuple[bool, datetime | None, int]]] = {}
+    for order, (delivery_id, patient_id, expires_at) in enumerate(rows):
+        if patient_id in busy:
+            continue
+        rank = (expires_at is None, expires_at, order)
+        if patient_id not in best or rank < best[patient_id][1]:
+            best[patient_id] = (delivery_id, rank)
+    busy |= best.keys()
+    return [delivery_id for delivery_id, _ in best.values()]
 
 
 def release(session: Session, ids: list[int], *, now: datetime) -> int:

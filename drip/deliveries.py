@@ -67,7 +67,7 @@ def retry(session: Session, ids: list[int], *, now: datetime, actor: str) -> int
     missing = sorted(set(ids) - set(found))
     if missing:
         raise NotFound(f"no delivery with id {', '.join(map(str, missing))}; see `drip deliveries`")
-    problems = [f"  {i}: {why}" for i in ids if (why := _why_not(*found[i]))]
+    problems = [f"  {i}: {why}" for i in ids if (why := _why_not(*found[i], now))]
     if problems:
         raise DripError("nothing was retried:\n" + "\n".join(problems))
     session.execute(states.operator_retry(ids, now=now))
@@ -83,11 +83,15 @@ def retry(session: Session, ids: list[int], *, now: datetime, actor: str) -> int
     return len(ids)
 
 
-def _why_not(delivery: Delivery, enrolment: Enrolment, patient: Patient) -> str | None:
+def _why_not(
+    delivery: Delivery, enrolment: Enrolment, patient: Patient, now: datetime
+) -> str | None:
     if delivery.state not in RETRYABLE:
         return f"is {delivery.state}; only {', '.join(RETRYABLE)} deliveries can be retried"
     if enrolment.status != ACTIVE:
         return f"its enrolment is {enrolment.status}; resume it first"
     if patient.unsubscribed_at or patient.suppressed_at:
         return "the patient unsubscribed or the address is suppressed"
+    if delivery.expires_at is not None and delivery.expires_at < now:
+        return "its step is past its age (its late policy): it would arrive too late to help"
     return None

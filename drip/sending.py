@@ -235,6 +235,8 @@ class Sender:
                 last[row.patient_id] = now  # the next one of this patient waits for the gap
             else:
                 _settle(connection, row.id, now, report, *hold)
+        if ready:  # the batch may have waited in Redis: its lease counts from now
+            connection.execute(states.renew([r.id for r in ready], now=now, lease=self.lease))
         return ready
 
     def _hold(self, now: datetime, row: Loaded, last_sent: datetime | None) -> Hold | None:
@@ -381,18 +383,20 @@ class Sender:
             )
 
     def _give_back(
-        self, connection: Connection, jobs: list[Job], report: BatchReport, why: str, tried: bool
+        self, connection: Connection, jobs: list[Job], report: BatchReport, stop: Stop
     ) -> None:
-        """Rows the batch did not reach. `tried`: the relay was failing, so this counts as a
-        try: retried after a back-off, or final once tried for DRIP_RETRY_FOR or past the step's
-        age. Else (the batch's deadline came) they go back as they were, due at once."""
+        """Rows the batch did not reach. `stop.tried`: the relay was failing, so this counts as
+        a try: retried after a back-off, or final once tried for DRIP_RETRY_FOR or past the
+        step's age. Else (the batch's deadline came, the circuit breaker opened) they go back
+        untried, due at once or when the breaker closes."""
         if not jobs:
             return
-        now = self.clock.now()
-        if not tried:
+        now, why = self.clock.now(), stop.why
+        if not stop.tried:
             ids = [job.id for job in jobs]
+            due = now + timedelta(seconds=stop.wait) if stop.wait else None
             report.given_back += states.leave(
-                connection, ids, CLAIMED, SCHEDULED, now=now, error=why
+                connection, ids, CLAIMED, SCHEDULED, now=now, error=why, due_at=due
             )
             return
         due = now + backoff(1, self.rng) + BACKOFF_BASE
@@ -430,6 +434,18 @@ def _not_recorded(delivery_id: int, state: str) -> None:
     )
 
 
+@dataclass(frozen=True)
+class Stop:
+    """Why a batch stopped before its end, and how its other rows go back."""
+
+    why: str
+    tried: bool = False  # the relay was failing: giving the rows back counts as a try
+    wait: float = 0.0  # seconds before they are due again (the breaker's pause)
+
+
+BREAKER_CHECK_SECONDS = 1.0  # how often a running batch looks at the shared circuit breaker
+
+
 class _Batch:
     """The sending loop of one batch: one connection, one commit per email, the lease renewed
     as it goes, a soft deadline, and the stops (transient failures in a row, unknown outcome)."""
@@ -439,9 +455,10 @@ class _Batch:
         lease = sender.lease.total_seconds()
         self.deadline = started + sender.settings.soft_deadline_seconds
         self.renew_every = lease / 4
-        self.renewed = started
+        self.renewed = self.breaker_checked = started
         self.outcomes: list[Outcome] = []
-        self.stop: tuple[str, bool] | None = None  # (why, whether it counts as a try)
+        self.current: Job | None = None  # taken from the builder, not yet recorded
+        self.stop: Stop | None = None
 
     def run(self, report: BatchReport) -> None:
         sender = self.sender
@@ -455,18 +472,21 @@ class _Batch:
                     connection.rollback()
                 with connection.begin():
                     sender._record(connection, self.outcomes, report)
-                    why, tried = self.stop or ("not reached: the batch stopped", False)
-                    sender._give_back(connection, self.builder.unsent(), report, why, tried)
+                    stop = self.stop or Stop("not reached: the batch stopped on an error")
+                    # a row in hand whose mark never committed is still `claimed`: back it goes
+                    # (leave() moves only rows still claimed, so a row now `sending` stays)
+                    in_hand = [self.current] if self.current else []
+                    sender._give_back(connection, in_hand + self.builder.unsent(), report, stop)
                     self.builder.settle_broken(connection, report)
 
     def _loop(self, connection: Connection, fast: _EmailCommit, report: BatchReport) -> None:
         failures_in_a_row = 0
         while self.stop is None:
             self._keep_lease(connection)
-            if self.sender.monotonic() >= self.deadline:
-                self.stop = ("not reached before the batch's deadline; given back untried", False)
+            self.stop = self._should_stop()
+            if self.stop is not None:
                 break
-            job = self.builder.next()
+            job = self.current = self.builder.next()
             if job is None:
                 break
             mark = _Mark(self._marker(connection, fast, job, report))
@@ -474,18 +494,34 @@ class _Batch:
                 outcome = self._send_one(job, mark)
             except _NotOurs:
                 report.not_ours += 1
+                self.current = None
                 continue
             self.outcomes.append(outcome)
+            self.current = None
             failures_in_a_row = failures_in_a_row + 1 if outcome.state == RETRY else 0
             if failures_in_a_row >= GIVE_UP_AFTER_CONSECUTIVE:
-                self.stop = (f"not attempted: the mail server was failing ({outcome.error})", True)
+                why = f"not attempted: the mail server was failing ({outcome.error})"
+                self.stop = Stop(why, tried=True)
             elif outcome.state == UNKNOWN:
-                self.sender.breaker.trip()
-                self.stop = (
+                wait = self.sender.breaker.trip()
+                why = (
                     "not attempted: the mail server lost an earlier email's outcome "
-                    f"({outcome.error}); sending pauses (circuit breaker)",
-                    True,
+                    f"({outcome.error}); sending pauses (circuit breaker)"
                 )
+                self.stop = Stop(why, wait=wait)
+
+    def _should_stop(self) -> Stop | None:
+        """The batch's soft deadline, or the shared circuit breaker opened by another batch."""
+        now_m = self.sender.monotonic()
+        if now_m >= self.deadline:
+            return Stop("not reached before the batch's deadline; given back untried")
+        if now_m - self.breaker_checked >= BREAKER_CHECK_SECONDS:
+            self.breaker_checked = now_m
+            wait = self.sender.breaker.open_for()
+            if wait > 0:
+                why = "not attempted: another batch lost an email's outcome (circuit breaker)"
+                return Stop(why, wait=wait)
+        return None
 
     def _keep_lease(self, connection: Connection) -> None:
         """Renew the lease of the rows still to send, every quarter of a lease."""
@@ -493,7 +529,7 @@ class _Batch:
         if now_m - self.renewed < self.renew_every:
             return
         self.renewed = now_m
-        ids = [job.id for job in self.builder.unsent()]
+        ids = [job.id for job in self.builder.unsent()] + [i for i, _ in self.builder.broken]
         if ids:
             sender = self.sender
             with connection.begin():

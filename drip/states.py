@@ -279,11 +279,13 @@ def mark_sending_params(
 
 
 def renew(ids: Sequence[int], *, now: datetime, lease: timedelta) -> Update:
-    """A batch still working renews the lease of the rows it holds."""
+    """A batch still working renews the lease of the claimed rows it holds (never shortening
+    one: a clock moved back must not take time away)."""
+    until = now + lease
     return (
         update(DELIVERIES)
-        .where(D.id.in_(list(ids)), unindexed(D.state).in_((CLAIMED, SENDING)))
-        .values(lease_until=now + lease)
+        .where(D.id.in_(list(ids)), unindexed(D.state) == CLAIMED, D.lease_until < until)
+        .values(lease_until=until)
     )
 
 
@@ -383,8 +385,9 @@ def replan(
     if stale:
         state: Any = SKIPPED
         error: Any = STALE_REASON
-    else:
-        state, error = waiting_state(), None
+    else:  # a stale-skipped row comes back `scheduled`; a row once tried stays `retry`
+        state = case((D.state == SKIPPED, SCHEDULED), else_=waiting_state())
+        error = None
     return (
         update(DELIVERIES)
         .where(where, REPLANNABLE)
@@ -406,14 +409,8 @@ RETRYABLE = (FAILED, UNKNOWN, RETRY)
 
 def operator_retry(ids: Sequence[int], *, now: datetime) -> Update:
     """`drip retry`: an operator decided to send these again, now (the same Message-ID: a
-    receiving client folds a duplicate by it). The retry age starts again."""
+    receiving client folds a duplicate by it). The retry age starts again; the step's age
+    (expires_at) stays: a step past it is skipped, not sent late."""
     return move(
-        RETRYABLE,
-        SCHEDULED,
-        ids=ids,
-        now=now,
-        due_at=now,
-        lease_until=None,
-        first_tried_at=None,
-        expires_at=None,
+        RETRYABLE, SCHEDULED, ids=ids, now=now, due_at=now, lease_until=None, first_tried_at=None
     )

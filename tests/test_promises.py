@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from click.testing import Result
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, select, text, update
 
 from drip import db
 from drip.breaker import LocalBreaker, RedisBreaker
@@ -207,18 +207,17 @@ def test_one_unknown_outcome_stops_the_batch_and_opens_the_breaker(
             assert (report.unknown, report.given_back, report.sent) == (1, 4, 0)
             assert len(server.bodies) == 1
             assert breaker.open_for() > 0
+            [lost] = [i for i in ids if row(engine, i).state == "unknown"]
+            rest = [i for i in ids if i != lost]
             # another batch while the breaker is open sends nothing at all
             later = NOW + timedelta(seconds=1)
             with engine.begin() as c:
-                c.execute(
-                    update(Delivery)
-                    .where(Delivery.id.in_(ids[1:]))
-                    .values(state="claimed", due_at=later)
-                )
+                again_claimed = update(Delivery).where(Delivery.id.in_(rest))
+                c.execute(again_claimed.values(state="claimed", due_at=later))
             again = sender(engine, settings, transport, later, breaker=breaker).send_batch(ids)
             assert again.given_back == 4 and len(server.bodies) == 1
-    waiting = [row(engine, i) for i in ids[1:]]
-    assert all(d.state == "retry" and d.due_at > later for d in waiting)
+    waiting = [row(engine, i) for i in rest]  # back untried, due when the breaker closes
+    assert all(d.state == "scheduled" and d.attempts == 0 and d.due_at > later for d in waiting)
     assert all("outcome" in (d.last_error or "") for d in waiting)
 
 
@@ -403,3 +402,103 @@ def test_a_patient_unsubscribed_after_the_claim_gets_nothing_even_from_the_fast_
     transport = _UnsubscribesB()
     report = sender(engine, settings, transport).send_batch(ids)
     assert report.sent == 1 and report.not_ours == 1 and len(transport.messages) == 1
+
+
+def test_drip_retry_refuses_a_step_past_its_age(drip: Drip, engine: Engine) -> None:
+    """Found in review: `drip retry` dropped the step's expiry, so a failed "before your first
+    visit" email was sent a day after the visit."""
+    enrol(drip, "ana@example.com")
+    [before] = by_step(engine, "before-first-session")
+    with engine.begin() as c:
+        c.execute(update(Delivery).where(Delivery.id == before).values(state="failed"))
+        expires = c.scalar(select(Delivery.expires_at).where(Delivery.id == before))
+    late = (expires + timedelta(hours=1)).isoformat()
+    result = drip("retry", str(before), env={"DRIP_NOW": late})
+    assert result.exit_code == 1 and "past its age" in result.output
+    assert row(engine, before).state == "failed"
+    result = drip("retry", str(before))  # before its age: retried, and it keeps its expiry
+    assert result.exit_code == 0 and row(engine, before).expires_at == expires
+
+
+def test_a_batch_that_waited_in_redis_renews_its_lease_when_it_starts(
+    drip: Drip, engine: Engine, settings: Settings
+) -> None:
+    enrol(drip, "a@example.com", "b@example.com")
+    ids = claim(engine)  # leases until NOW + 300 s
+    started = NOW + timedelta(seconds=290)
+    leases: list[datetime] = []
+
+    class _Watching(MemoryTransport):
+        def send(self, *args: Any, **hooks: Any) -> None:
+            with engine.connect() as c:
+                leases.extend(
+                    c.scalars(select(Delivery.lease_until).where(Delivery.state == "claimed"))
+                )
+            super().send(*args, **hooks)
+
+    sender(engine, settings, _Watching(), started).send_batch(ids)
+    assert leases and min(leases) >= started + LEASE
+
+
+def test_a_breaker_opened_by_another_batch_stops_this_one_too(
+    drip: Drip, engine: Engine, settings: Settings
+) -> None:
+    """Every running batch, not only new ones, stops sending to a relay that swallows mail."""
+    enrol(drip, *(f"p{i}@example.com" for i in range(4)))
+    ids = claim(engine)
+    breaker = LocalBreaker()
+
+    class _OtherBatchTrips(_SlowRelay):  # while this batch sends, another one loses a message
+        def send(self, *args: Any, **hooks: Any) -> None:
+            super().send(*args, **hooks)
+            if len(self.messages) == 1:
+                breaker.trip()
+
+    relay = _OtherBatchTrips()
+    report = sender(engine, settings, relay, breaker=breaker, monotonic=relay.monotonic).send_batch(
+        ids
+    )
+    assert report.sent == 1 and report.given_back == 3 and report.unknown == 0
+    assert [row(engine, i).state for i in ids].count("scheduled") == 3
+
+
+def test_a_patients_expiring_step_is_claimed_before_one_that_can_wait(
+    drip: Drip, engine: Engine
+) -> None:
+    enrol(drip, "ana@example.com")
+    [welcome], [before] = by_step(engine, "welcome"), by_step(engine, "before-first-session")
+    with engine.begin() as c:  # workers were down: both are due, one of them soon useless
+        c.execute(update(Delivery).where(Delivery.id.in_([welcome, before])).values(due_at=NOW))
+    assert claim(engine) == [before]
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"], indirect=True)
+def test_two_tickers_at_once_never_claim_two_rows_of_one_patient(
+    drip: Drip, engine: Engine
+) -> None:
+    """Found in review: SKIP LOCKED skips the row another ticker holds, not its patient, so a
+    second ticker claimed the patient's next row and both were sent in the same second."""
+    import threading
+
+    enrol(drip, "ana@example.com")
+    with engine.begin() as c:
+        c.execute(update(Delivery).values(due_at=NOW))  # all eight due
+    first = db.session_factory(engine)()
+    first.begin()
+    held = claim_due(first, now=NOW, limit=1, lease=LEASE)  # not committed yet
+    assert len(held) == 1
+    second: list[list[int]] = []
+    thread = threading.Thread(target=lambda: second.append(claim(engine)))
+    thread.start()
+    with engine.connect() as c:  # wait until the second ticker waits for the patient
+        for _ in range(600):
+            waiting = c.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+            ).scalar()
+            if waiting or not thread.is_alive():
+                break
+            thread.join(0.05)
+    first.commit()
+    first.close()
+    thread.join(30)
+    assert second == [[]]

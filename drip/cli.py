@@ -138,8 +138,7 @@ def db_upgrade(app: App) -> None:
     """Create the schema, or bring it up to date (Alembic migrations)."""
     db.upgrade(app.engine)
     current, _ = db.schema_revision(app.engine)
-    url = app.engine.url.render_as_string(hide_password=True)
-    click.echo(f"database {url} is at revision {current} (newest)")
+    click.echo(f"database {db.shown_url(app.engine)} is at revision {current} (newest)")
 
 
 # --- enrolling --------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from drip.clock import utcnow
 from drip.errors import ConfigError, DripError
 from drip.paths import MIGRATIONS
+from drip.urls import redact
 
 SQLITE_BUSY_MS = 30_000
 # Lease and due times written by one host are compared by another's clock. Two hosts within 2 s
@@ -60,7 +61,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise ConfigError(f"DRIP_DATABASE_URL is not a database URL: {url!r}") from None
+        raise ConfigError(f"DRIP_DATABASE_URL is not a database URL: {redact(url)!r}") from None
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() == "sqlite":
@@ -116,6 +117,11 @@ def begin_immediate(raw: Any) -> None:
             pause = min(pause * 2, 0.0002)
     finally:
         raw.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+
+
+def shown_url(engine: Engine) -> str:
+    """The engine's URL as messages may show it: without its password."""
+    return redact(engine.url.render_as_string(hide_password=False))
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -216,8 +222,8 @@ def require_current_schema(engine: Engine) -> None:
     current, head = schema_revision(engine)
     if current is None:
         raise DripError(
-            f"the database at {engine.url.render_as_string(hide_password=True)} has no drip "
-            "tables yet; run `drip db upgrade` first"
+            f"the database at {shown_url(engine)} has no drip tables yet; run `drip db upgrade` "
+            "first"
         )
     if current != head:
         raise DripError(

@@ -32,6 +32,7 @@ from drip.errors import CsvError, DripError, InputError
 from drip.models import STATES, Enrolment, Patient
 from drip.output import console, echo_json, table
 from drip.patients import check_patient
+from drip.permissions import private_folder
 from drip.settings import Settings
 from drip.timeline import timeline as build_timeline
 
@@ -575,7 +576,7 @@ def beat(app: App, loglevel: str) -> None:
     app.require_clock_in_step()
     app.close()
     with broker(app.settings.broker_url, app.settings.var_dir) as url:
-        app.settings.var_dir.mkdir(parents=True, exist_ok=True)
+        private_folder(app.settings.var_dir)
         tasks.configure(app.settings, url).start(["beat", f"--loglevel={loglevel}"])
 
 

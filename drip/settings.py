@@ -23,6 +23,7 @@ from drip.clock import Clock, parse_instant, read_clock_file, utcnow
 from drip.durations import parse_duration
 from drip.errors import ConfigError
 from drip.paths import TEMPLATES
+from drip.permissions import private_folder
 from drip.planning import SendWindow
 from drip.urls import redact
 from drip.wording import sensitive_words
@@ -148,7 +149,7 @@ def stored_secret(var_dir: Path) -> str:
     fails if another process got there first; everyone then reads the one that won."""
     path = var_dir / "secret_key"
     if not path.exists():
-        var_dir.mkdir(parents=True, exist_ok=True)
+        private_folder(var_dir)
         fd, temporary = tempfile.mkstemp(dir=var_dir, prefix=".secret_key.")
         try:
             with os.fdopen(fd, "w") as f:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, cast
 
 from alembic import command
@@ -46,7 +47,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from drip.clock import utcnow
 from drip.errors import ConfigError, DripError
 from drip.paths import MIGRATIONS
-from drip.permissions import private_file, private_folder, sqlite_file
+from drip.permissions import private_file, private_folder
 from drip.urls import redact
 
 SQLITE_BUSY_MS = 30_000
@@ -65,7 +66,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() == "sqlite":
-        return _sqlite_engine(parsed.render_as_string(hide_password=False), **kwargs)
+        return _sqlite_engine(parsed.database, str(parsed), **kwargs)
     # No server-side prepared statements: psycopg prepares a query after 5 runs, and PostgreSQL
     # then keeps the plan made while a table was small (a lookup seq-scanning 100,000 patients
     # within one long CSV transaction, 35x slower). Planning each time costs well under 1 ms.
@@ -73,11 +74,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args, **kwargs)
 
 
-def _sqlite_engine(url: str, **kwargs: Any) -> Engine:
-    database = sqlite_file(url)
-    if database is not None:  # created here for the owner only: it holds patients' names
-        private_folder(database.parent)
-        private_file(database)
+def _sqlite_engine(database: str | None, url: str, **kwargs: Any) -> Engine:
+    if database and database != ":memory:" and not database.startswith("file:"):
+        private_folder(Path(database).parent)  # for the owner only: it holds patients' names
+        private_file(Path(database))
     engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_MS / 1000}, **kwargs)
 
     @event.listens_for(engine, "connect")

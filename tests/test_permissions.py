@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from drip import db
 from drip.cli import App, cli
-from drip.permissions import loose_permissions
+from drip.doctor import loose_permissions
 from drip.settings import Settings
 from drip.transports.file import FileTransport
 from tests.conftest import TEST_SECRET

@@ -22,6 +22,7 @@ from pathlib import Path
 import redis
 
 from drip.errors import BrokerError
+from drip.permissions import private_folder
 from drip.processes import die_with_parent
 
 SOCKET_PATH_MAX = 100  # sun_path is 108 bytes on Linux
@@ -86,8 +87,8 @@ class EmbeddedRedis:
         """Start redis-server unless one is already serving the socket; return the broker URL."""
         if self.alive():
             return self.url
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_folder(self.dir)
+        private_folder(self.socket.parent)
         self.socket.unlink(missing_ok=True)
         log = (self.dir / "redis.log").open("ab")
         self.process = subprocess.Popen(

@@ -32,6 +32,7 @@ from drip.errors import CsvError, DripError, InputError, RowProblem
 from drip.models import STATES, Enrolment, Patient
 from drip.output import console, echo_json, table
 from drip.patients import check_patient
+from drip.permissions import private_folder
 from drip.settings import Settings
 from drip.timeline import timeline as build_timeline
 
@@ -143,8 +144,7 @@ def db_upgrade(app: App) -> None:
     """Create the schema, or bring it up to date (Alembic migrations)."""
     db.upgrade(app.engine)
     current, _ = db.schema_revision(app.engine)
-    url = app.engine.url.render_as_string(hide_password=True)
-    click.echo(f"database {url} is at revision {current} (newest)")
+    click.echo(f"database {db.shown_url(app.engine)} is at revision {current} (newest)")
 
 
 # --- enrolling --------------------------------------------------------------------------------
@@ -620,7 +620,7 @@ def beat(app: App, loglevel: str) -> None:
     app.require_clock_in_step()
     app.close()
     with broker(app.settings.broker_url, app.settings.var_dir) as url:
-        app.settings.var_dir.mkdir(parents=True, exist_ok=True)
+        private_folder(app.settings.var_dir)
         tasks.configure(app.settings, url).start(["beat", f"--loglevel={loglevel}"])
 
 

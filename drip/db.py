@@ -47,6 +47,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from drip.clock import utcnow
 from drip.errors import ConfigError, DripError
 from drip.paths import MIGRATIONS
+from drip.permissions import private_file, private_folder
+from drip.urls import redact
 
 SQLITE_BUSY_MS = 30_000
 # Lease and due times written by one host are compared by another's clock. Two hosts within 2 s
@@ -61,7 +63,7 @@ def make_engine(url: str, *, busy_ms: int = SQLITE_BUSY_MS, **kwargs: Any) -> En
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise ConfigError(f"DRIP_DATABASE_URL is not a database URL: {url!r}") from None
+        raise ConfigError(f"DRIP_DATABASE_URL is not a database URL: {redact(url)!r}") from None
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() == "sqlite":
@@ -75,7 +77,8 @@ def make_engine(url: str, *, busy_ms: int = SQLITE_BUSY_MS, **kwargs: Any) -> En
 
 def _sqlite_engine(database: str | None, url: str, busy_ms: int, **kwargs: Any) -> Engine:
     if database and database != ":memory:" and not database.startswith("file:"):
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
+        private_folder(Path(database).parent)  # for the owner only: it holds patients' names
+        private_file(Path(database))
     engine = create_engine(url, connect_args={"timeout": busy_ms / 1000}, **kwargs)
 
     @event.listens_for(engine, "connect")
@@ -130,6 +133,11 @@ def explain(error: OperationalError | sqlite3.OperationalError) -> str:
             "another tool with the file open); nothing was written; try again in a moment"
         )
     return f"database error, nothing was written: {reason}"
+
+
+def shown_url(engine: Engine) -> str:
+    """The engine's URL as messages may show it: without its password."""
+    return redact(engine.url.render_as_string(hide_password=False))
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -230,8 +238,8 @@ def require_current_schema(engine: Engine) -> None:
     current, head = schema_revision(engine)
     if current is None:
         raise DripError(
-            f"the database at {engine.url.render_as_string(hide_password=True)} has no drip "
-            "tables yet; run `drip db upgrade` first"
+            f"the database at {shown_url(engine)} has no drip tables yet; run `drip db upgrade` "
+            "first"
         )
     if current != head:
         raise DripError(

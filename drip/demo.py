@@ -47,6 +47,7 @@ from drip.models import (
     Patient,
 )
 from drip.patients import check_patient, zone
+from drip.permissions import private_folder
 from drip.processes import die_with_parent
 from drip.settings import Settings, stored_secret
 
@@ -118,7 +119,7 @@ class Demo:
         for name in ("drip.db", "drip.db-wal", "drip.db-shm", "outbox", "now"):
             path = self.root / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_folder(self.root)
 
     def _env(self) -> dict[str, str]:
         inherited = {

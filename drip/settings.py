@@ -10,7 +10,7 @@ import os
 import secrets
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
 from email.headerregistry import Address
 from pathlib import Path
@@ -23,7 +23,9 @@ from drip.durations import format_duration, parse_duration
 from drip.errors import ConfigError
 from drip.paths import TEMPLATES
 from drip.patients import iana_zone_problem
+from drip.permissions import private_folder
 from drip.planning import SendWindow
+from drip.urls import redact
 from drip.wording import sensitive_words
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the checkout (tests and tools)
@@ -32,7 +34,7 @@ MAKE_KEY = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 Parser = Callable[[str, str], dict[str, Any]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Settings:
     """The whole configuration of one drip process (DESIGN §4)."""
 
@@ -40,8 +42,9 @@ class Settings:
     broker_url: str | None = None  # None: start a private Redis under var_dir
     mail_url: str = "file://var/outbox"
     mail_timeout: float = 0.0  # seconds per SMTP wait (DRIP_MAIL_URL ?timeout=); 0: files
-    secret_key: str = ""  # signs unsubscribe links
-    secret_keys: tuple[str, ...] = ()  # verify them: secret_key first, then older keys
+    secret_key: str = field(default="", repr=False)  # signs unsubscribe links
+    # verify them: secret_key first, then older keys
+    secret_keys: tuple[str, ...] = field(default=(), repr=False)
     public_url: str = "http://127.0.0.1:8025"
     from_address: str = "Lakeside Wellness Clinic (demo) <care@clinic.example>"
     send_window: SendWindow = SendWindow.parse("09:00-19:00")
@@ -67,6 +70,17 @@ class Settings:
         if self.secret_key and self.secret_keys[:1] != (self.secret_key,):
             rest = tuple(k for k in self.secret_keys if k != self.secret_key)
             object.__setattr__(self, "secret_keys", (self.secret_key, *rest))
+
+    def __repr__(self) -> str:
+        """No secret, and every URL without its password: a repr ends up in logs and tracebacks."""
+        shown = []
+        for f in fields(self):
+            if f.repr:
+                value = getattr(self, f.name)
+                if f.name.endswith("_url") and isinstance(value, str):
+                    value = redact(value)
+                shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -135,7 +149,7 @@ def stored_secret(var_dir: Path) -> str:
     fails if another process got there first; everyone then reads the one that won."""
     path = var_dir / "secret_key"
     if not path.exists():
-        var_dir.mkdir(parents=True, exist_ok=True)
+        private_folder(var_dir)
         fd, temporary = tempfile.mkstemp(dir=var_dir, prefix=".secret_key.")
         try:
             with os.fdopen(fd, "w") as f:
@@ -164,8 +178,16 @@ def _url(field: str, schemes: tuple[str, ...], example: str) -> Parser:
         base = scheme.split("+", 1)[0]
         if base not in schemes:
             raise ConfigError(
-                f"{name}={raw.split('@')[-1]!r} is not a {'/'.join(schemes)} URL; "
-                f"set it like {example}"
+                f"{name}={redact(raw)!r} is not a {'/'.join(schemes)} URL; set it like {example}"
+            )
+        if base != "file" and not raw[len(scheme) :].startswith("://"):
+            raise ConfigError(
+                f"{name}={redact(raw)!r} needs // after {scheme}:; set it like {example}"
+            )
+        if "@" in raw.rpartition("@")[0][len(scheme) + 3 :].split("/", 1)[0]:
+            raise ConfigError(
+                f"{name}={redact(raw)!r} has an '@' in its user name or password; write it as "
+                "%40 (and ':' as %3A, '/' as %2F)"
             )
         parts = urlsplit(raw)
         needs_host = ("smtp", "smtps", "redis", "rediss", "http", "https")

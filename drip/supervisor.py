@@ -20,6 +20,7 @@ from types import FrameType
 from drip.broker import broker
 from drip.clock import write_clock_file
 from drip.errors import DripError
+from drip.permissions import private_folder
 from drip.processes import die_with_parent
 from drip.settings import Settings
 
@@ -35,7 +36,7 @@ def child_environment(settings: Settings, broker_url: str) -> dict[str, str]:
     env = dict(os.environ) | {"DRIP_BROKER_URL": broker_url}
     if settings.now is not None and settings.now_file is None:
         path = (settings.var_dir / RUN_CLOCK).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_folder(path.parent)
         write_clock_file(path, settings.clock().now())
         env |= {"DRIP_NOW": "", "DRIP_NOW_FILE": str(path)}
     return env

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from drip.permissions import private_folder
 from drip.transports import errors
 from drip.transports.base import _Closing
 
@@ -48,7 +49,7 @@ class FileTransport(_Closing):
 
     def _write(self, message: bytes) -> None:
         if not self._ready:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            private_folder(self.directory)
             self._ready = True
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         name = f"{stamp}-{next(self._counter):06d}-{secrets.token_hex(4)}.eml"

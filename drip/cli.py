@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from sqlalchemy import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DatabaseError, IntegrityError
 from sqlalchemy.orm import Session
 
 from drip import __version__, csvimport, db, enrolment
@@ -107,8 +107,11 @@ class DripGroup(click.Group):
                 "another process changed the same patient at the same moment; nothing was "
                 "written; run the command again"
             ) from None
-        except (OperationalError, sqlite3.OperationalError) as e:
-            raise click.ClickException(db.explain(e)) from None
+        except (DatabaseError, sqlite3.DatabaseError) as e:
+            said = db.explain(e)
+            if said is None:
+                raise
+            raise click.ClickException(said) from None
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             raise click.exceptions.Exit(INTERRUPTED) from None
@@ -220,6 +223,21 @@ def enroll(
 
 
 def _enroll_csv(app: App, path: Path, campaign: str, skip_invalid: bool, as_json: bool) -> None:
+    try:
+        _enroll_csv_file(app, path, campaign, skip_invalid, as_json)
+    except DripError as e:
+        if not as_json or isinstance(e, CsvError):
+            raise
+        # the whole file was refused before any row (no file, a bad header, not UTF-8…):
+        # scripts reading --json still get JSON
+        echo_json({"rows": 0, "enrolled": 0, "already_enrolled": 0, "refused": 0,
+                   "problems": [], "error": str(e)})  # fmt: skip
+        raise click.exceptions.Exit(1) from None
+
+
+def _enroll_csv_file(
+    app: App, path: Path, campaign: str, skip_invalid: bool, as_json: bool
+) -> None:
     if str(path) != "-" and not path.is_file():
         raise InputError("--csv", f"{path} does not exist or is not a file")
     planner = app.planner(campaign)
@@ -440,6 +458,11 @@ def campaigns_list(app: App, as_json: bool) -> None:
     found, broken = load_all(app.settings.templates_dir)
     for error in broken.values():
         _warn(f"{error}; this campaign is left out (see `drip campaigns validate`)")
+    if not found and not broken:
+        _warn(
+            f"no campaigns in {app.settings.templates_dir}; set DRIP_TEMPLATES_DIR to the folder "
+            "that holds one folder per campaign (like templates/emails)"
+        )
     if as_json:
         echo_json(
             [

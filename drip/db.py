@@ -41,7 +41,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from drip.clock import utcnow
@@ -122,17 +122,25 @@ def begin_immediate(raw: Any, busy_ms: int = SQLITE_BUSY_MS) -> None:
         raw.execute(f"PRAGMA busy_timeout={busy_ms}")
 
 
-def explain(error: OperationalError | sqlite3.OperationalError) -> str:
-    """What a database error that ended a command means for the person who ran it. (SQLite's
-    BEGIN IMMEDIATE, run from the engine's "begin" event, raises the driver's own error.)"""
-    reason = error.orig if isinstance(error, OperationalError) else error
+def explain(error: DBAPIError | sqlite3.DatabaseError) -> str | None:
+    """What a database error that ended a command means for the person who ran it, or None for
+    one that is a bug (it keeps its traceback). (SQLite's BEGIN IMMEDIATE, run from the
+    engine's "begin" event, raises the driver's own error.)"""
+    reason = error.orig if isinstance(error, DBAPIError) else error
+    if "file is not a database" in str(reason):
+        return (
+            "DRIP_DATABASE_URL names a file that is not a SQLite database; check the path (drip "
+            "creates the file itself when it does not exist)"
+        )
     if "database is locked" in str(reason):
         return (
             "the database is busy: another process has held its write lock for longer than "
             "drip waits (usually a running `drip enroll --csv`, a worker sending a batch, or "
             "another tool with the file open); nothing was written; try again in a moment"
         )
-    return f"database error, nothing was written: {reason}"
+    if isinstance(error, OperationalError | sqlite3.OperationalError):
+        return f"database error, nothing was written: {reason}"
+    return None
 
 
 def shown_url(engine: Engine) -> str:

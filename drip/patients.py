@@ -89,6 +89,12 @@ def check_name(raw: str, field: str, *, required: bool) -> str | None:
     if len(value) > NAME_MAX:
         raise InputError(field, f"is {len(value)} characters long; shorten it to {NAME_MAX}")
     for i, char in enumerate(value):
+        if 0xDC80 <= ord(char) <= 0xDCFF:  # a byte that was not UTF-8, kept by surrogateescape
+            raise InputError(
+                field,
+                f"is not UTF-8 text (byte 0x{ord(char) - 0xDC00:02X}); type it again in a "
+                "terminal set to UTF-8, or save the file as CSV UTF-8",
+            )
         kind = "a control character" if char == "\t" else _refused_kind(value, i)
         if kind:
             raise InputError(field, f"contains {kind}, {_code_point(char)}; remove it")

@@ -26,6 +26,8 @@ def redact(url: str) -> str:
     url = _QUERY_SECRET.sub(rf"\g<1>{HIDDEN}", url)
     head, at, host = url.rpartition("@")
     if not at:
+        if "//" not in url and ":" in url:  # "admin:s3cret": no host to tell it from a password
+            return f"{url.partition(':')[0]}:{HIDDEN}"
         return url
     match = _SCHEME.match(head)
     if match and match[2]:  # scheme://user:password@host: the user name may show

@@ -11,7 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from drip.cli import App, cli
+from tests.conftest import TEST_SECRET
 from tests.polling import wait_until
 
 DRIP = [sys.executable, "-m", "drip"]
@@ -133,3 +136,49 @@ def _has_open(pid: int, path: Path) -> bool:
         return any(os.path.realpath(fd) == str(path.resolve()) for fd in fds.iterdir())
     except OSError:
         return False
+
+
+def test_a_file_that_is_not_a_sqlite_database_is_named_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """Found by trying it: a text file given as the database gave a DatabaseError traceback."""
+    fake = tmp_path / "notdb.db"
+    fake.write_text("hello\n")
+    environ = {"DRIP_DATABASE_URL": f"sqlite:///{fake}", "DRIP_SECRET_KEY": TEST_SECRET}
+    for args in (["timeline", "a@example.com"], ["db", "upgrade"]):
+        result = CliRunner().invoke(cli, args, obj=App(environ=environ))
+        assert result.exit_code == 1, result.output
+        assert "not a SQLite database" in result.output and "Traceback" not in result.output
+
+
+def test_a_scheme_less_value_with_a_colon_is_not_echoed_whole() -> None:
+    result = CliRunner().invoke(
+        cli, ["timeline", "a@example.com"],
+        obj=App(environ={"DRIP_DATABASE_URL": "admin:s3cretPW", "DRIP_SECRET_KEY": TEST_SECRET}),
+    )  # fmt: skip
+    assert result.exit_code == 1 and "s3cretPW" not in result.output
+
+
+def test_csv_json_gets_json_when_the_whole_file_is_refused(tmp_path: Path) -> None:
+    database = f"sqlite:///{tmp_path / 'd.db'}"
+    environ = {"DRIP_DATABASE_URL": database, "DRIP_SECRET_KEY": TEST_SECRET}
+    runner = CliRunner()
+    assert runner.invoke(cli, ["db", "upgrade"], obj=App(environ=environ)).exit_code == 0
+    bad = tmp_path / "bad.csv"
+    bad.write_text("mail,name\nx@example.com,X\n")
+    for path in (bad, tmp_path / "missing.csv"):
+        args = ["enroll", "--csv", str(path), "--campaign", "ketamine-onboarding", "--json"]
+        result = runner.invoke(cli, args, obj=App(environ=environ))
+        assert result.exit_code == 1
+        said = json.loads(result.stdout)
+        assert said["enrolled"] == 0 and said["error"]
+
+
+def test_a_name_typed_in_another_encoding_says_so() -> None:
+    from drip.errors import InputError
+    from drip.patients import check_name
+
+    raw = b"Jos\xe9".decode("utf-8", "surrogateescape")  # what argv holds for Latin-1 bytes
+    with pytest.raises(InputError) as caught:
+        check_name(raw, "--first-name", required=True)
+    assert "not UTF-8" in str(caught.value) and "0xE9" in str(caught.value)

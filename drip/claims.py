@@ -29,7 +29,6 @@ from drip.models import (
 )
 
 D, E = DELIVERIES.c, ENROLMENTS.c
-LOST_IN_SENDING = states.LOST_IN_SENDING
 
 
 def claim_due(session: Session, *, now: datetime, limit: int, lease: timedelta) -> list[int]:

@@ -209,7 +209,6 @@ class Sender:
         with self.engine.begin() as connection:
             now = self.clock.now()
             ready = self._prepare(connection, now, ids, report)
-            ready = self._unless_breaker_open(connection, now, ready, report)
         if ready:
             batch = _Batch(self, _Builder(self, ready, now), started)
             batch.run(report)
@@ -259,27 +258,6 @@ class Sender:
         if due > now:
             return SCHEDULED, None, due
         return None
-
-    def _unless_breaker_open(
-        self, connection: Connection, now: datetime, ready: list[Loaded], report: BatchReport
-    ) -> list[Loaded]:
-        """While the relay's circuit breaker is open, nothing is sent: every row goes back,
-        untried, due when it closes."""
-        wait = self.breaker.open_for()
-        if not ready or wait <= 0:
-            return ready
-        due = now + timedelta(seconds=wait)
-        report.given_back += states.leave(
-            connection,
-            [row.id for row in ready],
-            CLAIMED,
-            RETRY,
-            now=now,
-            due_at=due,
-            error="not attempted: the mail server's outcome was unknown for an earlier email; "
-            "sending pauses until the circuit breaker closes",
-        )
-        return []
 
     def _build(self, job: Job, campaign: Campaign, row: Loaded, now: datetime) -> None:
         assert self.renderer is not None
@@ -455,7 +433,8 @@ class _Batch:
         lease = sender.lease.total_seconds()
         self.deadline = started + sender.settings.soft_deadline_seconds
         self.renew_every = lease / 4
-        self.renewed = self.breaker_checked = started
+        self.renewed = started
+        self.breaker_checked = started - BREAKER_CHECK_SECONDS  # looked at before the first email
         self.outcomes: list[Outcome] = []
         self.current: Job | None = None  # taken from the builder, not yet recorded
         self.stop: Stop | None = None

@@ -327,10 +327,6 @@ def of_enrolment(enrolment_id: int) -> ColumnElement[bool]:
     return D.enrolment_id == enrolment_id
 
 
-def of_patient(patient_id: int) -> ColumnElement[bool]:
-    return D.enrolment_id.in_(select(E.id).where(E.patient_id == patient_id))
-
-
 def in_flight(session: Session, where: ColumnElement[bool]) -> int:
     """How many of the rows `where` are already `sending`: on their way, beyond recall."""
     return int(session.scalar(select(func.count()).where(where, D.state == SENDING)) or 0)
@@ -352,15 +348,6 @@ def cancel(session: Session, where: ColumnElement[bool], *, now: datetime) -> in
     """Unenrolling: every row not yet on its way is cancelled, including rows already claimed."""
     return rowcount(
         session.execute(move(UNSENT, CANCELLED, where=where, now=now, lease_until=None))
-    )
-
-
-def skip(session: Session, where: ColumnElement[bool], reason: str, *, now: datetime) -> int:
-    """Unsubscribed or suppressed: every row not yet on its way is skipped with the reason."""
-    return rowcount(
-        session.execute(
-            move(UNSENT, SKIPPED, where=where, now=now, lease_until=None, last_error=reason)
-        )
     )
 
 

@@ -39,7 +39,7 @@ from drip.addresses import split_from
 from drip.campaigns import Campaign
 from drip.rendering import Rendered, Renderer
 from drip.settings import Settings
-from drip.unsubscribe import unsubscribe_url
+from drip.tokens import unsubscribe_url
 
 CRLF = b"\r\n"
 MAX_HEADER_LINE = 998

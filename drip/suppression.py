@@ -22,18 +22,19 @@ import hmac
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, select, update
+from sqlalchemy import Connection, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from drip import events
+from drip import events, states
 from drip.db import rowcount
-from drip.models import PATIENTS, SUPPRESSIONS
+from drip.models import ENDED, ENROLMENTS, PATIENTS, SUPPRESSIONS
 from drip.patients import email_key
 
-S, P = SUPPRESSIONS.c, PATIENTS.c
+S, P, E = SUPPRESSIONS.c, PATIENTS.c, ENROLMENTS.c
 PURPOSE = b"drip suppression list v1"
 PREFIX = 12  # hex characters of a hash shown to people: enough to tell entries apart
 CHUNK = 500  # addresses per lookup (times the number of keys: bound parameters)
@@ -65,7 +66,7 @@ class Entry:
         }
 
     def describe(self) -> str:
-        """"suppressed since 2026-12-01 (unsubscribed)": for messages to coordinators."""
+        """ "suppressed since 2026-12-01 (unsubscribed)": for messages to coordinators."""
         return f"suppressed since {self.created_at:%Y-%m-%d} ({self.reason})"
 
 
@@ -76,6 +77,7 @@ def _keys(keys: Keys) -> Sequence[str]:
     return keys
 
 
+@lru_cache(maxsize=16)
 def _derived(key: str) -> bytes:
     return hmac.new(key.encode(), PURPOSE, hashlib.sha256).digest()
 
@@ -167,8 +169,30 @@ def summary(session: Session) -> dict[str, int]:
 # --- changing ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Halted:
+    """What stopping one patient's emails did: enrolments ended (and their campaigns), rows
+    skipped, and rows already `sending`, beyond recall. Counts only."""
+
+    ended_enrolments: int = 0
+    skipped: int = 0
+    in_flight: int = 0
+    campaigns: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """What suppressing an address did: the entry that stands (`new`: made now), and for the
+    patient with that address, if there is one, what stopped."""
+
+    entry: Entry
+    new: bool
+    patient_id: int | None = None
+    halted: Halted = Halted()
+
+
 def add(
-    session: Session | Connection,
+    session: Session,
     keys: Keys,
     address: str,
     *,
@@ -176,28 +200,56 @@ def add(
     source: str,
     now: datetime,
     actor: str,
-    patient_id: int | None = None,
-) -> tuple[Entry, bool]:
-    """Suppress `address` (True) or find it already suppressed (False, with the entry that
-    stands). Safe against a concurrent add of the same address: INSERT … ON CONFLICT DO NOTHING,
-    then the entry that won. Sets the patient's mirror, and records `patient.suppressed`."""
+) -> Stopped:
+    """Suppress `address`, and stop every email to the patient who has it: their mirror set,
+    every open enrolment ended, every unsent delivery skipped (claimed ones too) with the
+    reason. An address already suppressed keeps its entry (`new` False), and its patient is
+    stopped again, which changes nothing unless something slipped past. Safe against a
+    concurrent add of the same address: INSERT … ON CONFLICT DO NOTHING, then the entry that
+    won. Records `patient.suppressed` for a new entry, `ended` for each enrolment ended."""
     existing = find_entry(session, keys, address)
-    added = False
-    if existing is None:
-        added = _insert(session, keys, address, reason=reason, source=source, now=now)
-        existing = find_entry(session, keys, address)
-        assert existing is not None  # inserted now, or by whoever won the conflict
-    _mirror(session, address, existing)
-    if added:
-        events.record(
-            _session(session),
-            at=now,
-            actor=actor,
-            kind="patient.suppressed",
-            patient_id=patient_id if patient_id is not None else _patient_id(session, address),
-            detail=f"{reason} (source {source}, {existing.hash_prefix})",
-        )
-    return existing, added
+    new = existing is None and _insert(session, keys, address, reason, source, now)
+    entry = existing or find_entry(session, keys, address)
+    assert entry is not None  # inserted now, or by whoever won the conflict
+    patient_id = _patient_id(session, address)
+    if new:
+        detail = f"{reason} (source {source}, {entry.hash_prefix})"
+        events.record(session, at=now, actor=actor, kind="patient.suppressed",
+                      patient_id=patient_id, detail=detail)  # fmt: skip
+    if patient_id is None:
+        return Stopped(entry, new)
+    _mirror(session, patient_id, entry)
+    halted = stop(session, patient_id, skip_reason(reason), now=now, actor=actor)
+    return Stopped(entry, new, patient_id, halted)
+
+
+def skip_reason(reason: str) -> str:
+    """What a delivery skipped for a suppression says: `unsubscribed`, or `suppressed: <why>`
+    (the same words at claim and at send, drip.claims and drip.sending)."""
+    return reason if reason == UNSUBSCRIBED else f"suppressed: {reason}"
+
+
+def stop(session: Session, patient_id: int, reason: str, *, now: datetime, actor: str) -> Halted:
+    """End every open enrolment of the patient and skip every delivery not yet on its way.
+    `reason` goes on the skipped rows; an enrolment ends `unsubscribed` or `suppressed`."""
+    ended_as = UNSUBSCRIBED if reason == UNSUBSCRIBED else "suppressed"
+    ended = session.execute(
+        update(ENROLMENTS)
+        .where(E.patient_id == patient_id, E.status != ENDED)
+        .values(status=ENDED, ended_at=now, ended_reason=ended_as)
+        .returning(E.id, E.campaign)
+    ).all()
+    mine = states.of_patient(patient_id)
+    skipped = states.skip(session, mine, reason, now)
+    events.record_many(
+        session,
+        [
+            events.event_row(now, actor, "ended", patient_id, e_id, None, reason)
+            for e_id, _ in ended
+        ],
+    )
+    campaigns = tuple(sorted({campaign for _, campaign in ended}))
+    return Halted(len(ended), skipped, states.in_flight(session, mine), campaigns)
 
 
 def find_entry(session: Session | Connection, keys: Keys, address: str) -> Entry | None:
@@ -206,13 +258,7 @@ def find_entry(session: Session | Connection, keys: Keys, address: str) -> Entry
 
 
 def _insert(
-    session: Session | Connection,
-    keys: Keys,
-    address: str,
-    *,
-    reason: str,
-    source: str,
-    now: datetime,
+    session: Session, keys: Keys, address: str, reason: str, source: str, now: datetime
 ) -> bool:
     first = _keys(keys)[0]
     values = {
@@ -222,20 +268,18 @@ def _insert(
         "source": source[:64],
         "created_at": now,
     }
-    dialect = session.get_bind().dialect.name if isinstance(session, Session) else (
-        session.dialect.name
-    )
+    dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = insert(SUPPRESSIONS).values(values).on_conflict_do_nothing(
-        index_elements=[S.address_hash]
+    statement = (
+        insert(SUPPRESSIONS).values(values).on_conflict_do_nothing(index_elements=[S.address_hash])
     )
     return rowcount(session.execute(statement)) == 1
 
 
-def _mirror(session: Session | Connection, address: str, entry: Entry) -> None:
+def _mirror(session: Session, patient_id: int, entry: Entry) -> None:
     session.execute(
         update(PATIENTS)
-        .where(P.email_key == email_key(address), P.suppressed_at.is_(None))
+        .where(P.id == patient_id, P.suppressed_at.is_(None))
         .values(suppressed_at=entry.created_at, suppressed_reason=entry.reason)
     )
 
@@ -270,13 +314,35 @@ def remove(
     return entry
 
 
+def backfill(session: Session, keys: Keys) -> int:
+    """Write the hashes of patients suppressed or unsubscribed before the list held hashes
+    (revision 0003 moved no rows: a migration holds no key), with their own reason and time;
+    set the mirror of an unsubscribed patient that lacks it. Returns how many entries it wrote;
+    0 once done, so every `drip db upgrade` may run it."""
+    rows = session.execute(
+        select(P.id, P.email_key, P.unsubscribed_at, P.suppressed_at, P.suppressed_reason).where(
+            or_(P.suppressed_at.is_not(None), P.unsubscribed_at.is_not(None))
+        )
+    ).all()
+    listed = suppressed_among(session, keys, [row.email_key for row in rows])
+    written = 0
+    for row in rows:
+        reason = row.suppressed_reason or (UNSUBSCRIBED if row.unsubscribed_at else MANUAL)
+        since = row.suppressed_at or row.unsubscribed_at
+        if row.email_key not in listed:
+            written += _insert(session, keys, row.email_key, reason, MIGRATED, since)
+        if row.suppressed_at is None:
+            session.execute(
+                update(PATIENTS)
+                .where(P.id == row.id)
+                .values(suppressed_at=since, suppressed_reason=reason)
+            )
+    return written
+
+
 def _patient_id(session: Session | Connection, address: str) -> int | None:
     return session.scalar(select(P.id).where(P.email_key == email_key(address)))
 
 
 def _patient_unsubscribed(session: Session | Connection, address: str) -> datetime | None:
     return session.scalar(select(P.unsubscribed_at).where(P.email_key == email_key(address)))
-
-
-def _session(session: Session | Connection) -> Session:
-    return session if isinstance(session, Session) else Session(bind=session)

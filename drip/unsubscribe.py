@@ -21,7 +21,10 @@ from drip.tokens import make_token, read_token, unsubscribe_url
 REASON = suppression.UNSUBSCRIBED
 ACTOR = "patient"
 P = PATIENTS.c
-__all__ = ["Unsubscribed", "make_token", "read_token", "unsubscribe", "unsubscribe_url"]
+__all__ = [
+    "Subscriber", "Unsubscribed", "make_token", "read_token", "subscriber", "unsubscribe",
+    "unsubscribe_url",
+]
 
 
 @dataclass(frozen=True)
@@ -82,3 +85,24 @@ def unsubscribe(
         halted.in_flight,
         halted.campaigns,
     )
+
+
+@dataclass(frozen=True)
+class Subscriber:
+    """The patient a link names, as the page that asks before unsubscribing needs them: an id
+    and whether they have already unsubscribed (nothing personal)."""
+
+    patient_id: int
+    unsubscribed: bool
+
+
+def subscriber(session: Session, *, token: str, keys: Sequence[str]) -> Subscriber | None:
+    """The patient a token names, or None when the token is invalid or names no patient. Reads
+    only: link scanners open every link, so showing the page must change nothing."""
+    public_id = read_token(keys, token)
+    if public_id is None:
+        return None
+    row = session.execute(
+        select(P.id, P.unsubscribed_at).where(P.public_id == public_id)
+    ).first()
+    return None if row is None else Subscriber(row.id, row.unsubscribed_at is not None)

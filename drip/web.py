@@ -156,7 +156,7 @@ def _existing_sqlite(url: str) -> str:
 class DripFlask(Flask):
     """Flask, with every template autoescaped and exceptions logged by route, not by path."""
 
-    def select_jinja_autoescape(self, filename: str) -> bool:
+    def select_jinja_autoescape(self, filename: str | None) -> bool:
         return True
 
     def log_exception(self, exc_info: Any) -> None:
@@ -178,7 +178,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         clinic=Clinic.of(settings),
         css=css,
         headers=security_headers(css),
-        schema_head=ScriptDirectory.from_config(db.alembic_config()).get_current_head(),
+        schema_head=schema_head(),
     )
     app.register_blueprint(pages)
     app.register_blueprint(health)
@@ -191,6 +191,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_error_handler(Exception, _failed)
     app.wsgi_app = HideTokens(app.wsgi_app)  # type: ignore[method-assign]
     return app
+
+
+def schema_head() -> str | None:
+    """The newest schema revision this drip ships (what /healthz wants the database at)."""
+    return ScriptDirectory.from_config(db.alembic_config()).get_current_head()
 
 
 def web() -> Web:

@@ -30,7 +30,6 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from drip import events, states
-from drip.db import rowcount
 from drip.models import ENDED, ENROLMENTS, PATIENTS, SUPPRESSIONS
 from drip.patients import email_key
 
@@ -271,9 +270,14 @@ def _insert(
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     statement = (
-        insert(SUPPRESSIONS).values(values).on_conflict_do_nothing(index_elements=[S.address_hash])
+        insert(SUPPRESSIONS)
+        .values(values)
+        .on_conflict_do_nothing(index_elements=[S.address_hash])
+        .returning(S.id)
     )
-    return rowcount(session.execute(statement)) == 1
+    # the new row's id, or none when a concurrent add won (rowcount says -1 on PostgreSQL when
+    # a Session runs an INSERT … RETURNING)
+    return session.execute(statement).scalar() is not None
 
 
 def _mirror(session: Session, patient_id: int, entry: Entry) -> None:

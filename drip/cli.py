@@ -345,17 +345,17 @@ def _enroll_csv_file(
     )
     if report.suppressed:
         click.echo(
-            "suppressed rows were left out: those patients unsubscribed or their address "
-            "bounced; see `drip suppressions --email ADDRESS`"
+            "suppressed rows were left out (unsubscribed, bounced, or `drip suppress`); "
+            "`drip suppressions --email ADDRESS` says why"
         )
 
 
 def _suppressed_in(session: Session, keys: tuple[str, ...]) -> csvimport.Suppressed:
     """The CSV's lookup: which of some email keys are suppressed, and since when, why."""
 
-    def lookup(email_keys: list[str]) -> dict[str, str]:
+    def lookup(email_keys: list[str]) -> dict[str, tuple[str, datetime]]:
         found = suppression.blocked_among(session, keys, email_keys)
-        return {key: entry.describe() for key, entry in found.items()}
+        return {key: (entry.reason, entry.created_at) for key, entry in found.items()}
 
     return lookup
 
@@ -370,7 +370,7 @@ def _csv_summary(
         "refused": report.bad_rows,
         "problems": [p.__dict__ for p in problems],
         "suppressed": len(report.suppressed),
-        "suppressed_lines": [s.__dict__ for s in report.suppressed],
+        "suppressed_lines": [s.as_json() for s in report.suppressed],
     }
 
 

@@ -31,6 +31,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO
 
+from drip.clock import iso
 from drip.errors import CsvError, InputError, RowProblem
 from drip.patients import PatientInput, check_patient
 
@@ -40,8 +41,8 @@ SAVE_AS = 'save it from Excel as "CSV UTF-8 (Comma delimited)"'
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, as surrogateescape keeps it
 _SEP = re.compile(r'"?sep=(.)"?', re.IGNORECASE)  # Excel's first line naming the delimiter
 CHUNK = 500  # rows per suppression lookup
-# The suppressed among some email keys, each with why: "suppressed since 2026-12-01 (unsubscribed)"
-Suppressed = Callable[[list[str]], Mapping[str, str]]
+# The suppressed among some email keys, each with its reason and since when.
+Suppressed = Callable[[list[str]], Mapping[str, tuple[str, datetime]]]
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,13 @@ class LeftOut:
 
     line: int
     reason: str
+    since: datetime
 
     def __str__(self) -> str:
-        return f"line {self.line}: {self.reason}"
+        return f"line {self.line}: suppressed since {self.since:%Y-%m-%d} ({self.reason})"
+
+    def as_json(self) -> dict[str, object]:
+        return {"line": self.line, "reason": self.reason, "since": iso(self.since)}
 
 
 @dataclass
@@ -127,7 +132,7 @@ def _without_suppressed(
         return []
     found = suppressed([patient.email_key for _, patient in chunk])
     report.suppressed.extend(
-        LeftOut(line, found[p.email_key]) for line, p in chunk if p.email_key in found
+        LeftOut(line, *found[p.email_key]) for line, p in chunk if p.email_key in found
     )
     return [(line, p) for line, p in chunk if p.email_key not in found]
 

@@ -30,6 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from drip import events, states
+from drip.clock import iso
 from drip.errors import Suppressed
 from drip.models import ENDED, ENROLMENTS, PATIENTS, SUPPRESSIONS
 from drip.patients import email_key
@@ -62,7 +63,7 @@ class Entry:
             "key_id": self.key_id,
             "reason": self.reason,
             "source": self.source,
-            "created_at": self.created_at.isoformat().replace("+00:00", "Z"),
+            "created_at": iso(self.created_at),
         }
 
     def describe(self) -> str:

@@ -294,9 +294,18 @@ def _enroll_csv(app: App, path: Path, campaign: str, skip_invalid: bool, as_json
             raise
         # the whole file was refused before any row (no file, a bad header, not UTF-8…):
         # scripts reading --json still get JSON
-        echo_json({"rows": 0, "enrolled": 0, "already_enrolled": 0, "refused": 0,
-                   "problems": [], "suppressed": 0, "suppressed_lines": [],
-                   "error": str(e)})  # fmt: skip
+        echo_json(
+            {
+                "rows": 0,
+                "enrolled": 0,
+                "already_enrolled": 0,
+                "refused": 0,
+                "problems": [],
+                "suppressed": 0,
+                "suppressed_lines": [],
+                "error": str(e),
+            }
+        )
         raise click.exceptions.Exit(1) from None
 
 
@@ -582,9 +591,13 @@ def unsuppress(app: App, email: str, reason: str) -> None:
     address, why = _address(email), check_reason(reason, "--reason")
     with app.transaction() as session:
         lifted = suppression.remove(
-            session, app.settings.secret_keys, address, reason=why, now=app.now(),
+            session,
+            app.settings.secret_keys,
+            address,
+            reason=why,
+            now=app.now(),
             actor=app.actor,
-        )  # fmt: skip
+        )
     if lifted is None:
         click.echo("not suppressed; nothing changed")
         return

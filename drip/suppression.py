@@ -236,8 +236,14 @@ def add(
     patient_id = _patient_id(session, address)
     if new:
         detail = f"{reason} (source {source}, {entry.hash_prefix})"
-        events.record(session, at=now, actor=actor, kind="patient.suppressed",
-                      patient_id=patient_id, detail=detail)  # fmt: skip
+        events.record(
+            session,
+            at=now,
+            actor=actor,
+            kind="patient.suppressed",
+            patient_id=patient_id,
+            detail=detail,
+        )
     if patient_id is None:
         return Stopped(entry, new)
     _mirror(session, patient_id, entry)

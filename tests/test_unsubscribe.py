@@ -125,8 +125,16 @@ ANA = "ana@example.com"
 
 def enrol(drip: Drip, *emails: str) -> None:
     for email in emails or (ANA,):
-        result = drip("enroll", email, "--campaign", "ketamine-onboarding", "--first-name", "Zoë",
-                      "--first-session", "2026-11-09")  # fmt: skip
+        result = drip(
+            "enroll",
+            email,
+            "--campaign",
+            "ketamine-onboarding",
+            "--first-name",
+            "Zoë",
+            "--first-session",
+            "2026-11-09",
+        )
         assert result.exit_code == 0, result.output
 
 
@@ -141,8 +149,13 @@ def token(engine: Engine, email: str = ANA, key: str = TEST_SECRET) -> str:
 
 def run(engine: Engine, settings: Settings, token: str, **kw: Any) -> Unsubscribed | None:
     with db.transaction(engine) as session:
-        return unsubscribe(session, token=token, keys=kw.get("keys", settings.secret_keys),
-                           now=kw.get("now", NOW), source="one-click")  # fmt: skip
+        return unsubscribe(
+            session,
+            token=token,
+            keys=kw.get("keys", settings.secret_keys),
+            now=kw.get("now", NOW),
+            source="one-click",
+        )
 
 
 def deliveries(engine: Engine) -> dict[int, tuple[str, str | None]]:
@@ -164,7 +177,7 @@ def second_campaign(engine: Engine, patient_id: int, **states: str) -> dict[str,
         enrolment_id = session.execute(
             insert(ENROLMENTS)
             .values(patient_id=patient_id, campaign="other", status="paused", enrolled_at=NOW)
-            .returning(ENROLMENTS.c.id)  # fmt: skip
+            .returning(ENROLMENTS.c.id)
         ).scalar_one()
         ids = {}
         for step, state in states.items():
@@ -179,7 +192,7 @@ def second_campaign(engine: Engine, patient_id: int, **states: str) -> dict[str,
                     created_at=NOW,
                     updated_at=NOW,
                 )
-                .returning(DELIVERIES.c.id)  # fmt: skip
+                .returning(DELIVERIES.c.id)
             ).scalar_one()
     return ids
 
@@ -239,12 +252,18 @@ def test_a_tampered_truncated_or_unknown_token_names_no_patient_and_changes_noth
     public_id, signature = good.split(".")
     flipped = signature[:-1] + ("A" if signature[-1] != "A" else "B")
     for bad in (
-        good[:-1], good[:30], public_id, f"{public_id}.{flipped}", good.upper(),
+        good[:-1],
+        good[:30],
+        public_id,
+        f"{public_id}.{flipped}",
+        good.upper(),
         make_token("some-other-key-0123456789abcdefghijkl", public_id),
         make_token(TEST_SECRET, new_public_id()),  # well signed, but nobody's
         token(engine, "ben@example.com")[:23] + signature,  # Ben's id, Ana's signature
-        "", "../../etc/passwd", "1." + signature,
-    ):  # fmt: skip
+        "",
+        "../../etc/passwd",
+        "1." + signature,
+    ):
         assert run(engine, settings, bad) is None, bad
     assert snapshot(engine) == before
 
@@ -294,8 +313,9 @@ def test_two_unsubscribes_at_once_on_postgresql_one_does_the_work_the_other_is_a
     link = token(engine)
     results: dict[str, Unsubscribed | None] = {}
     with db.transaction(engine) as first:
-        results["first"] = unsubscribe(first, token=link, keys=settings.secret_keys, now=NOW,
-                                       source="one-click")  # fmt: skip
+        results["first"] = unsubscribe(
+            first, token=link, keys=settings.secret_keys, now=NOW, source="one-click"
+        )
         second = threading.Thread(target=lambda: results.update(second=run(engine, settings, link)))
         second.start()  # its UPDATE waits for the first transaction's row lock
         wait_until(lambda: waiting_for_a_lock(engine), "the second unsubscribe to wait")

@@ -867,9 +867,14 @@ def _watch_status(gather: Callable[[], Any], seconds: float, as_json: bool) -> N
             while True:
                 _snapshot(gather, as_json, out)
                 time.sleep(seconds)
+        from rich.console import Group
+        from rich.text import Text
+
+        hint = Text(f"every {seconds:g} s; Ctrl-C to stop", style="dim")
         with Live(console=out, auto_refresh=False) as live:
             while True:
-                live.update(_watched(gather, status_module.view), refresh=True)
+                shown = _watched(gather, status_module.view)
+                live.update(Group(shown, hint), refresh=True)
                 time.sleep(seconds)
     except KeyboardInterrupt:
         return

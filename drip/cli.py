@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import logging
 import os
 import sqlite3
 import sys
@@ -638,10 +639,11 @@ def worker(app: App, concurrency: int | None, name: str | None, loglevel: str) -
     if name:
         argv.append(f"--hostname={name}@%h")
     if not app.settings.public_url.startswith("https://"):
-        click.echo(
-            f"warning: DRIP_PUBLIC_URL={app.settings.public_url} is not https; one-click "
-            "unsubscribe (RFC 8058) needs an https link that patients can reach",
-            err=True,
+        # a log line, not a bare one: under DRIP_LOG_FORMAT=json the worker writes JSON only
+        logging.getLogger("drip.worker").warning(
+            "DRIP_PUBLIC_URL=%s is not https; one-click unsubscribe (RFC 8058) needs an https "
+            "link that patients can reach",
+            app.settings.public_url,
         )
     with broker(app.settings.broker_url, app.settings.var_dir) as url:
         db.require_current_schema(app.engine)

@@ -4,6 +4,8 @@ exit 0; the SMTP probe speaks to real servers (EHLO, STARTTLS, AUTH) and sends n
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +18,12 @@ from drip.settings import Settings
 from drip.transports import SMTPTransport, open_transport
 from tests.conftest import NOW
 from tests.smtp_servers import CapturingServer, closed_port, self_signed_tls
+from tests.test_pipeline import (  # noqa: F401 - fixtures
+    Pipeline,
+    enrol_csv,
+    pipeline,
+    redis_url,  # noqa: F401 - the session's private redis-server
+)
 
 Drip = Callable[..., Result]
 SHAPE = {"id", "check", "ok", "severity", "problem", "fix"}
@@ -251,3 +259,32 @@ def test_the_probe_trusts_the_ca_that_the_url_s_cafile_names(tls_server: Served)
     ctx = Context(Settings(), NOW)
     assert list(SmtpProbe(url, transport).run(ctx)) == []
     assert "STARTTLS, AUTH" in ctx.notes["mail"]
+
+
+@pytest.mark.slow
+def test_a_healthy_set_up_is_exit_0_and_its_warnings_do_not_fail_it(
+    drip: Drip, pipeline: Pipeline  # noqa: F811
+) -> None:
+    """A real worker and ticker, Redis, an SMTP server on loopback; one warning (a send window
+    that reaches into the night) is said, and is not a failure."""
+    enrol_csv(drip, pipeline, ["ana@example.com,Ana,America/New_York,"])
+    pipeline.worker("w1")
+    pipeline.beat()
+    pipeline.wait_settled()
+    env = pipeline.env | {
+        "DRIP_PUBLIC_URL": "https://drip.clinic.example",
+        "DRIP_SEND_WINDOW": "06:00-22:00",
+    }
+    command = [sys.executable, "-m", "drip", "doctor", "--json"]
+    done = subprocess.run(command, env=env, cwd=pipeline.root, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    found = {entry["id"]: entry for entry in json.loads(done.stdout)}
+    assert {i for i, e in found.items() if not e["ok"]} == {"send-window.night"}
+    assert found["send-window.night"]["severity"] == "warning"
+    for check in ("database", "migrations", "broker", "workers", "ticker", "mail", "campaigns"):
+        assert found[check]["ok"], found
+    human = subprocess.run(command[:-1], env=env, cwd=pipeline.root, capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert human.returncode == 0 and "0 problems, 1 warning" in human.stdout
+    assert "ok       workers: 1 alive: w1@" in human.stdout

@@ -25,7 +25,8 @@ from drip import status as status_module
 from drip import tasks
 from drip.broker import redis_client
 from drip.models import Delivery, Enrolment
-from drip.ticker import record_heartbeat
+from drip.settings import Settings
+from drip.ticker import Heartbeat, Ticker, parse_heartbeat, record_heartbeat
 from tests.conftest import NOW
 from tests.polling import wait_until
 from tests.smtp_servers import closed_port
@@ -287,8 +288,39 @@ def test_watch_refreshes_in_place_in_a_real_terminal_and_ctrl_c_ends_it_with_exi
     assert shown.count("deliveries") == 1, shown  # redrawn in place, not scrolled
     assert "Redis unreachable at" in shown and "every 0.3 s; Ctrl-C to stop" in shown
     tmux("send-keys", "-t", "watch", "C-c")
-    dead = lambda: tmux("display", "-p", "-t", "watch", "#{pane_dead}") == "1\n"  # noqa: E731
-    wait_until(dead, "the watch to end on Ctrl-C", describe=screen)
-    status = tmux("display-message", "-p", "-t", "watch", "#{pane_dead_status}").strip()
-    assert status == "0", screen()
+    # tmux marks the pane dead when the terminal closes, and knows the exit status a moment later
+    exit_status = lambda: tmux("display", "-p", "-t", "watch", "#{pane_dead_status}").strip()  # noqa: E731
+    dead = lambda: tmux("display", "-p", "-t", "watch", "#{pane_dead} #{pane_dead_signal}")  # noqa: E731
+    said = lambda: f"{screen()}\npane dead, signal: {dead()}"  # noqa: E731
+    assert wait_until(exit_status, "the watch to end on Ctrl-C", describe=said) == "0", said()
     assert "Traceback" not in screen()
+
+
+# --- the ticker's heartbeat -------------------------------------------------------------------
+
+
+def test_each_tick_that_runs_leaves_a_heartbeat(settings: Settings, engine: Engine) -> None:
+    beats: list[int] = []
+    ticker = Ticker(engine, settings, settings.clock(), lambda ids: None,
+                    heartbeat=lambda: beats.append(1))  # fmt: skip
+    ticker.tick()
+    ticker.tick()
+    assert beats == [1, 1]
+
+
+def test_a_heartbeat_is_late_after_three_ticks_and_never_before_a_minute() -> None:
+    fast = Heartbeat(NOW, "host", tick_seconds=0.2)
+    assert not fast.late(NOW + timedelta(seconds=59)) and fast.late(NOW + timedelta(seconds=61))
+    slow = Heartbeat(NOW, "host", tick_seconds=600)
+    assert not slow.late(NOW + timedelta(minutes=29)) and slow.late(NOW + timedelta(minutes=31))
+    assert fast.age(NOW - timedelta(seconds=5)) == timedelta(0)  # a clock a little behind
+
+
+@pytest.mark.parametrize("raw", [None, b"", b"not json", b'{"at": "yesterday"}', b"[]"])
+def test_a_missing_or_garbled_heartbeat_reads_as_none(raw: bytes | None) -> None:
+    assert parse_heartbeat(raw) is None
+
+
+def test_ago_says_durations_as_people_do() -> None:
+    said = [status_module.ago(timedelta(seconds=s)) for s in (4, 134, 3600, 11100, 3 * 86400)]
+    assert said == ["4 s", "2 min 14 s", "1 h", "3 h 5 min", "3 d"]

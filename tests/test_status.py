@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -245,6 +246,21 @@ def test_status_json_agrees_with_a_real_worker_and_ticker(
     assert found["workers"] == [f"w1@{socket.gethostname()}"]
     assert found["queue_depth"] == 0
     assert found["ticker_last_run"] and found["ticker_late"] is False
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"], indirect=True)
+def test_watch_with_json_writes_one_object_a_line_until_ctrl_c_then_exit_0(
+    drip: Drip, engine: Engine, env: dict[str, str]
+) -> None:
+    setup(drip, engine)
+    environ = env | {"DRIP_BROKER_URL": f"redis://127.0.0.1:{closed_port()}/0"}
+    command = [sys.executable, "-m", "drip", "status", "--watch", "0.2", "--json"]
+    with subprocess.Popen(command, env=environ, stdout=subprocess.PIPE, text=True) as watch:
+        assert watch.stdout is not None
+        first, second = json.loads(watch.stdout.readline()), json.loads(watch.stdout.readline())
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(60) == 0
+    assert first["deliveries"] == second["deliveries"] and CONTRACT_KEYS <= set(second)
 
 
 def _tmux(server: Path, *args: str) -> str:

@@ -46,11 +46,17 @@ def redis_executable() -> str:
     return found
 
 
-def redis_client(url: str) -> redis.Redis:
-    """A redis-py client for a Celery broker URL (redis://, rediss:// or redis+socket://)."""
+def redis_client(url: str, *, timeout: float | None = None) -> redis.Redis:
+    """A redis-py client for a Celery broker URL (redis://, rediss:// or redis+socket://).
+    `timeout`: seconds any connect or reply may take (None: wait as long as it takes), for the
+    commands that must answer quickly whether Redis is there or not."""
     if url.startswith("redis+socket://"):
-        return redis.Redis(unix_socket_path=url.removeprefix("redis+socket://"))
-    return redis.Redis.from_url(url)
+        return redis.Redis(
+            unix_socket_path=url.removeprefix("redis+socket://"),
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+        )
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
 
 
 class EmbeddedRedis:

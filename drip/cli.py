@@ -6,14 +6,17 @@ one transaction, and prints. Exit codes: 0 done, 1 a user error (message on stde
 from __future__ import annotations
 
 import getpass
+import json
+import logging
 import os
 import sqlite3
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -23,14 +26,16 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DatabaseError, IntegrityError
 from sqlalchemy.orm import Session
 
-from drip import __version__, csvimport, db, enrolment, suppression
+from drip import __version__, csvimport, db, enrolment, logs, suppression
 from drip.broker import broker
-from drip.campaigns import Campaign, load_all, load_campaign
-from drip.deliveries import list_deliveries
+from drip.campaigns import Campaign, campaign_slugs, load_all, load_campaign
+from drip.clock import parse_instant
+from drip.deliveries import RetryPlan, list_deliveries, plan_by_ids, plan_by_state
 from drip.deliveries import retry as retry_deliveries
+from drip.durations import parse_duration
 from drip.errors import CsvError, DripError, InputError, RowProblem
-from drip.models import STATES, Enrolment, Patient
-from drip.output import console, echo_json, table
+from drip.models import FAILED, STATES, UNKNOWN, Enrolment, Patient
+from drip.output import console, echo_json, plain, table
 from drip.patients import check_email, check_patient, check_reason
 from drip.permissions import private_folder
 from drip.settings import Settings
@@ -52,7 +57,9 @@ class App:
 
     @cached_property
     def settings(self) -> Settings:
-        return Settings.from_env(self.environ)
+        settings = Settings.from_env(self.environ)
+        logs.configure(settings, process="cli")  # DRIP_LOG_FORMAT, from the first command on
+        return settings
 
     @cached_property
     def engine(self) -> Engine:
@@ -808,16 +815,27 @@ def _temporary_file(suffix: str) -> Path:
 # --- operating ----------------------------------------------------------------------------------
 
 
+LOG_LEVELS = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False)
+
+
+def _celery_argv(app: App, process: str, loglevel: str) -> list[str]:
+    """Logging set up before Celery starts (its first warnings are log lines too); with
+    DRIP_LOG_FORMAT=json, no start-up banner: stdout and stderr then carry JSON only."""
+    logs.configure(app.settings, process=process, level=loglevel.upper())
+    return ["--quiet"] if app.settings.log_format == "json" else []
+
+
 @cli.command()
 @click.option("--concurrency", "-c", type=click.IntRange(1, 64), help="Worker processes.")
 @click.option("--name", help="Node name, unique per machine (default: celery@HOST).")
-@click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--loglevel", type=LOG_LEVELS, default="INFO", show_default=True)
 @pass_app
 def worker(app: App, concurrency: int | None, name: str | None, loglevel: str) -> None:
     """A Celery worker: sends due emails (task events on, so Flower sees it)."""
     from drip import tasks
 
     argv = [
+        *_celery_argv(app, "worker", loglevel),
         "worker",
         "--events",
         f"--loglevel={loglevel}",
@@ -828,30 +846,33 @@ def worker(app: App, concurrency: int | None, name: str | None, loglevel: str) -
     if name:
         argv.append(f"--hostname={name}@%h")
     if not app.settings.public_url.startswith("https://"):
-        click.echo(
-            f"warning: DRIP_PUBLIC_URL={app.settings.public_url} is not https; one-click "
-            "unsubscribe (RFC 8058) needs an https link that patients can reach",
-            err=True,
+        # a log line, not a bare one: under DRIP_LOG_FORMAT=json the worker writes JSON only
+        logging.getLogger("drip.worker").warning(
+            "DRIP_PUBLIC_URL=%s is not https; one-click unsubscribe (RFC 8058) needs an https "
+            "link that patients can reach",
+            app.settings.public_url,
         )
     with broker(app.settings.broker_url, app.settings.var_dir) as url:
         db.require_current_schema(app.engine)
         app.require_clock_in_step()
         app.close()  # the worker's processes make their own connections after the fork
-        tasks.configure(app.settings, url).worker_main(argv)
+        tasks.configure(app.settings, url, process="worker").worker_main(argv)
 
 
 @cli.command()
-@click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--loglevel", type=LOG_LEVELS, default="INFO", show_default=True)
 @pass_app
 def beat(app: App, loglevel: str) -> None:
     """The ticker: every DRIP_TICK_SECONDS, a worker claims what is due."""
     from drip import tasks
 
+    quiet = _celery_argv(app, "beat", loglevel)
     app.require_clock_in_step()
     app.close()
     with broker(app.settings.broker_url, app.settings.var_dir) as url:
         private_folder(app.settings.var_dir)
-        tasks.configure(app.settings, url).start(["beat", f"--loglevel={loglevel}"])
+        celery = tasks.configure(app.settings, url, process="beat")
+        celery.start([*quiet, "beat", f"--loglevel={loglevel}"])
 
 
 @cli.command()
@@ -862,6 +883,7 @@ def run(app: App, concurrency: int | None) -> None:
     ticker, supervised. Stops cleanly on Ctrl-C or SIGTERM."""
     from drip.supervisor import Supervisor
 
+    logs.configure(app.settings, process="run")
     db.require_current_schema(app.engine)
     app.require_clock_in_step()
     app.close()
@@ -897,29 +919,267 @@ def _say(line: str) -> None:
 
 @cli.command()
 @click.option("--state", type=click.Choice(STATES), help="Only deliveries in this state.")
+@click.option("--email", help="Only this patient's deliveries.")
+@click.option("--campaign", help="Only this campaign's deliveries.")
+@click.option(
+    "--since",
+    help="Only those changed since: a time back from now (30m, 2h, 3d) or an ISO date or "
+    "instant (UTC unless it has an offset).",
+)
 @click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
-def deliveries(app: App, state: str | None, limit: int, as_json: bool) -> None:
-    """Recently changed deliveries, by id (no names or addresses)."""
+def deliveries(
+    app: App,
+    state: str | None,
+    email: str | None,
+    campaign: str | None,
+    since: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Recently changed deliveries, newest first, by id (no names or addresses)."""
+    now = app.now()
+    since_at = _since(since, now) if since else None
     with app.transaction() as session:
-        found = list_deliveries(session, state=state, limit=limit)
+        patient_id = enrolment.find_patient(session, email).id if email else None
+        found = list_deliveries(
+            session,
+            state=state,
+            patient_id=patient_id,
+            campaign=campaign,
+            since=since_at,
+            limit=limit,
+        )
+    if campaign and not found and campaign not in campaign_slugs(app.settings.templates_dir):
+        _warn(f"no campaign {campaign!r} in {app.settings.templates_dir} (`drip campaigns list`)")
     if as_json:
         echo_json(found)
         return
-    columns = ["id", "patient_id", "step", "state", "due_at", "attempts", "last_error"]
+    if not found:
+        click.echo("no deliveries match")
+        return
+    columns = ["id", "patient_id", "campaign", "step", "state", "due_at", "attempts", "last_error"]
     table(columns, [[row[c] if row[c] is not None else "" for c in columns] for row in found])
 
 
+def _since(raw: str, now: datetime) -> datetime:
+    """--since: a duration back from now, or an ISO date or instant."""
+    try:
+        return now - _positive_duration(raw)
+    except ValueError:
+        pass
+    try:
+        return parse_instant(raw)
+    except ValueError:
+        raise InputError(
+            "--since", f"{raw!r} is neither a time back from now (30m, 2h, 3d) nor an ISO date "
+            "or instant (2026-11-01, 2026-11-01T09:00Z)"
+        ) from None
+
+
+def _positive_duration(raw: str) -> timedelta:
+    value = parse_duration(raw)
+    if value <= timedelta(0) or raw.strip().startswith(("+", "-")):
+        raise ValueError(raw)
+    return value
+
+
 @cli.command()
-@click.argument("ids", nargs=-1, type=int, required=True)
+@click.argument("ids", nargs=-1, type=int)
+@click.option(
+    "--state",
+    type=click.Choice([FAILED, UNKNOWN]),
+    help="Every delivery in this state (instead of IDs); those that cannot go are listed.",
+)
+@click.option(
+    "--older-than",
+    help="With --state: only those that came to it longer ago than this (30m, 2h, 3d).",
+)
+@click.option("--dry-run", is_flag=True, help="Show what would be retried; change nothing.")
 @pass_app
-def retry(app: App, ids: tuple[int, ...]) -> None:
-    """Send failed, unknown or retrying deliveries again, now (all of them, or none)."""
+def retry(
+    app: App, ids: tuple[int, ...], state: str | None, older_than: str | None, dry_run: bool
+) -> None:
+    """Send failed or unknown deliveries again, now: IDs (all of them, or none), or every one in
+    a --state. Each is recorded as your decision (an event naming you); an `unknown` one keeps
+    its Message-ID, so a mail client folds a duplicate."""
+    if ids and state:
+        raise click.UsageError("give delivery IDs or --state, not both")
+    if not ids and not state:
+        raise click.UsageError("give the IDs of the deliveries to retry, or --state failed|unknown")
+    if older_than and not state:
+        raise click.UsageError("--older-than goes with --state")
+    age = _older_than(older_than) if older_than else None
     now = app.now()
     with app.transaction() as session:
-        count = retry_deliveries(session, list(dict.fromkeys(ids)), now=now, actor=app.actor)
-    click.echo(f"{count} deliveries scheduled to go now")
+        if state:
+            plan = plan_by_state(session, state, now=now, older_than=age)
+        else:
+            plan = plan_by_ids(session, list(ids), now=now)
+            plan.require_all()
+        changed = [] if dry_run else retry_deliveries(session, plan, now=now, actor=app.actor)
+    _say_retried(plan, changed, dry_run, state)
+
+
+def _older_than(raw: str) -> timedelta:
+    try:
+        return _positive_duration(raw)
+    except ValueError:
+        raise InputError("--older-than", f"{raw!r} is not a duration like 30m, 2h or 3d") from None
+
+
+def _say_retried(plan: RetryPlan, changed: list[int], dry_run: bool, state: str | None) -> None:
+    for line in plan.problems():
+        _warn(f"left alone: {line}")
+    if not plan.ready:
+        click.echo(f"no {state or 'such'} deliveries can be retried; nothing changed")
+        return
+    if dry_run:
+        click.echo(f"would retry {len(plan.ready)} deliveries now (--dry-run: nothing changed):")
+        columns = ["id", "patient_id", "campaign", "step", "state", "last_error"]
+        rows = [c.as_json() for c in plan.ready]
+        table(columns, [[row[c] if row[c] is not None else "" for c in columns] for row in rows])
+        return
+    click.echo(f"{len(changed)} deliveries scheduled to go now")
+    if len(changed) < len(plan.ready):
+        click.echo(
+            f"{len(plan.ready) - len(changed)} were claimed by a ticker meanwhile and go anyway"
+        )
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="As JSON (with --watch: a line a refresh).")
+@click.option(
+    "--watch",
+    type=click.FloatRange(0.2, 3600),
+    is_flag=False,
+    flag_value=2.0,
+    default=None,
+    metavar="[SECONDS]",
+    help="Refresh every SECONDS (2 if not given) until Ctrl-C, which ends it with exit 0.",
+)
+@pass_app
+def status(app: App, as_json: bool, watch: float | None) -> None:
+    """Deliveries by state, due now and the oldest lag, sent and failed in the last hour (from
+    the database); live workers, queue depth and the last tick (from Redis, which may be down:
+    then only the database's figures are shown)."""
+    from drip import status as status_module
+
+    engine = db.probe_engine(app.settings.database_url)
+
+    def gather() -> status_module.Status:
+        return status_module.gather(app.settings, engine, now=app.now())
+
+    try:
+        if watch is None:
+            _print_status(gather(), as_json)
+        else:
+            _watch_status(gather, watch, as_json)
+    finally:
+        engine.dispose()
+
+
+def _print_status(found: Any, as_json: bool) -> None:
+    from drip import status as status_module
+
+    if as_json:
+        echo_json(found.as_json())
+    else:
+        console().print(status_module.view(found))
+
+
+def _watch_status(gather: Callable[[], Any], seconds: float, as_json: bool) -> None:
+    """Until Ctrl-C: in place on a terminal (rich Live), one snapshot after another when piped,
+    one JSON object a line with --json. A database that stops answering is shown, not fatal:
+    the next refresh tries again. Ctrl-C is how a watch ends, so it exits 0."""
+    from rich.live import Live
+
+    from drip import status as status_module
+
+    out = console()
+    try:
+        if as_json or not out.is_terminal:
+            while True:
+                _snapshot(gather, as_json, out)
+                time.sleep(seconds)
+        from rich.console import Group
+        from rich.text import Text
+
+        hint = Text(f"every {seconds:g} s; Ctrl-C to stop", style="dim")
+        with Live(console=out, auto_refresh=False) as live:
+            while True:
+                shown = _watched(gather, status_module.view)
+                live.update(Group(shown, hint), refresh=True)
+                time.sleep(seconds)
+    except KeyboardInterrupt:
+        return
+
+
+def _snapshot(gather: Callable[[], Any], as_json: bool, out: Any) -> None:
+    from drip import status as status_module
+
+    try:
+        found = gather()
+    except DripError as e:
+        if as_json:
+            click.echo(json.dumps({"error": str(e)}), nl=True)
+        else:
+            out.print(plain(f"error: {e}"), style="bold red")
+        return
+    if as_json:
+        click.echo(json.dumps(found.as_json(), ensure_ascii=False))
+    else:
+        out.print(status_module.view(found))
+        out.line()
+
+
+def _watched(gather: Callable[[], Any], view: Callable[[Any], Any]) -> Any:
+    try:
+        return view(gather())
+    except DripError as e:
+        return plain(f"error: {e}\n(trying again)")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="A JSON list: one object per finding.")
+@pass_app
+def doctor(app: App, as_json: bool) -> None:
+    """Check the installation: the database and its schema, the clocks, patients' time zones,
+    Redis, the workers and the ticker, the mail server (EHLO, STARTTLS, AUTH; nothing is sent),
+    DRIP_SECRET_KEY, DRIP_PUBLIC_URL, the send window, the campaigns and file permissions.
+    Each problem on one line with its fix; exit 1 if any (warnings alone: exit 0)."""
+    from drip import doctor as checks
+
+    context = checks.Context(app.settings, now=app.now())
+    try:
+        results = checks.run(context)
+    finally:
+        context.close()
+    if as_json:
+        echo_json([result.as_json() for result in results])
+    else:
+        _print_findings(results)
+    if any(result.severity == checks.ERROR for result in results):
+        if not as_json:
+            click.echo(f"{checks.summary(results)}: fix them and run `drip doctor` again", err=True)
+        raise click.exceptions.Exit(1)
+    if not as_json:
+        click.echo(checks.summary(results))
+
+
+SEVERITY_STYLES = {"ok": "green", "warning": "yellow", "error": "bold red", "skipped": "dim"}
+
+
+def _print_findings(results: list[Any]) -> None:
+    """One line each, never wrapped (a problem and its fix stay on their line)."""
+    from rich.text import Text
+
+    out = console()
+    for result in results:
+        line = Text(f"{result.severity:<8}", style=SEVERITY_STYLES[result.severity])
+        line.append(plain(f" {result}"))
+        out.print(line, soft_wrap=True)
 
 
 @cli.command()

@@ -143,6 +143,22 @@ def explain(error: DBAPIError | sqlite3.DatabaseError) -> str | None:
     return None
 
 
+CONNECT_TIMEOUT = 5  # seconds, for the commands that must say soon that a server is not there
+
+
+def probe_engine(url: str) -> Engine:
+    """make_engine, giving up on a PostgreSQL server that does not answer within
+    CONNECT_TIMEOUT (libpq would wait as long as TCP does); for `drip status` and `drip doctor`,
+    whose job is to say so."""
+    try:
+        sqlite = make_url(url).get_backend_name() == "sqlite"
+    except ArgumentError:
+        sqlite = True  # make_engine says what is wrong with it
+    if sqlite:
+        return make_engine(url)
+    return make_engine(url, connect_args={"connect_timeout": CONNECT_TIMEOUT})
+
+
 def shown_url(engine: Engine) -> str:
     """The engine's URL as messages may show it: without its password."""
     return redact(engine.url.render_as_string(hide_password=False))
@@ -237,7 +253,10 @@ def schema_revision(engine: Engine) -> tuple[str | None, str | None]:
         with engine.connect() as connection:
             current = MigrationContext.configure(connection).get_current_revision()
     except OperationalError as e:
-        raise DripError(f"cannot open the database: {e.orig}") from None
+        raise DripError(
+            f"cannot open the database at {shown_url(engine)}: {e.orig}; start the database "
+            "server, or correct DRIP_DATABASE_URL"
+        ) from None
     return current, head
 
 

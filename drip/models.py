@@ -142,6 +142,13 @@ class Delivery(Base):
         UniqueConstraint("enrolment_id", "step_key"),
         CheckConstraint(_in("state", STATES), name="state"),
         Index("ix_deliveries_state_due_at", "state", "due_at"),
+        # `drip status`: sent in the last hour (only sent rows have a sent_at)
+        Index(
+            "ix_deliveries_sent_at",
+            "sent_at",
+            sqlite_where=text("sent_at IS NOT NULL"),
+            postgresql_where=text("sent_at IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

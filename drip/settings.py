@@ -64,6 +64,8 @@ class Settings:
     min_gap: timedelta = timedelta(hours=12)
     retry_for: timedelta = timedelta(days=3)
     var_dir: Path = Path("var")
+    secret_key_generated: bool = False  # no DRIP_SECRET_KEY: the key generated into var/
+    log_format: str = "text"  # DRIP_LOG_FORMAT: text, or json (one object a line)
 
     def __post_init__(self) -> None:
         """Keep secret_key first among secret_keys, however the settings were made."""
@@ -94,7 +96,9 @@ class Settings:
         settings = replace(cls(), **values)
         settings.check_lease()
         if not settings.secret_key:
-            settings = replace(settings, secret_key=stored_secret(settings.var_dir))
+            settings = replace(
+                settings, secret_key=stored_secret(settings.var_dir), secret_key_generated=True
+            )
         return settings
 
     @property
@@ -292,6 +296,18 @@ def _now_file(name: str, raw: str) -> dict[str, Any]:
     return {"now_file": path}
 
 
+LOG_FORMATS = ("text", "json")
+
+
+def _log_format(name: str, raw: str) -> dict[str, Any]:
+    if raw.lower() not in LOG_FORMATS:
+        raise ConfigError(
+            f"{name}={raw!r} is not a log format; set it to text (the default) or json "
+            "(one JSON object a line)"
+        )
+    return {"log_format": raw.lower()}
+
+
 def _zone(name: str, raw: str) -> dict[str, Any]:
     if problem := iana_zone_problem(raw):
         raise ConfigError(f"{name}={problem}")
@@ -396,4 +412,5 @@ _PARSERS = {
     "DRIP_BATCH_SIZE": _int("batch_size", 1, 10000),
     "DRIP_MIN_GAP": _duration("min_gap", timedelta(0), timedelta(days=7)),
     "DRIP_RETRY_FOR": _duration("retry_for", timedelta(minutes=1), timedelta(days=30)),
+    "DRIP_LOG_FORMAT": _log_format,
 }

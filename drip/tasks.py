@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import cached_property
@@ -22,13 +23,13 @@ from celery import Celery, signals
 from kombu.entity import Queue
 from sqlalchemy import Engine
 
-from drip import db
+from drip import db, logs
 from drip.breaker import RedisBreaker, relay_name
 from drip.broker import broker, redis_client
 from drip.errors import DripError
 from drip.sending import Sender
 from drip.settings import Settings
-from drip.ticker import Ticker
+from drip.ticker import Ticker, record_heartbeat
 from drip.transports import open_transport
 
 log = logging.getLogger("drip.tasks")
@@ -39,8 +40,9 @@ VISIBILITY_TIMEOUT = 3600  # seconds; see configure()
 app = Celery("drip")
 
 
-def configure(settings: Settings, broker_url: str) -> Celery:
-    """Configure the app for one process: broker, serialisation, delivery guarantees, schedule."""
+def configure(settings: Settings, broker_url: str, *, process: str | None = None) -> Celery:
+    """Configure the app for one process: broker, serialisation, delivery guarantees, schedule.
+    `process` (worker or beat) names it in its log lines."""
     app.conf.update(
         broker_url=broker_url,
         broker_connection_retry_on_startup=True,
@@ -71,7 +73,7 @@ def configure(settings: Settings, broker_url: str) -> Celery:
         # number of beats may run anywhere.
         beat_scheduler="celery.beat:Scheduler",
     )
-    _configured.update(settings=settings, broker_url=broker_url)
+    _configured.update(settings=settings, broker_url=broker_url, process=process)
     return app
 
 
@@ -109,6 +111,16 @@ def _check_clock(**_: Any) -> None:
         engine.dispose()
 
 
+@signals.setup_logging.connect
+def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
+    """Celery's worker and beat (and each pool process) set up logging here: drip's, in
+    DRIP_LOG_FORMAT, instead of Celery's own. A receiver of this signal tells Celery to leave
+    logging alone, so its own lines (a task received, the worker ready) follow drip's format."""
+    settings = _configured.get("settings") or Settings()
+    process = _configured.get("process") or ("beat" if "beat" in sys.argv[1:] else "worker")
+    logs.configure(settings, process=process, level=loglevel or logging.INFO)
+
+
 @dataclass
 class Runtime:
     """What tasks use in one worker process, made on first use after the fork."""
@@ -138,7 +150,14 @@ class Runtime:
 
     @cached_property
     def ticker(self) -> Ticker:
-        return Ticker(self.engine, self.settings, self.settings.clock(), _enqueue, self.queue_depth)
+        return Ticker(
+            self.engine,
+            self.settings,
+            self.settings.clock(),
+            _enqueue,
+            self.queue_depth,
+            heartbeat=self.heartbeat,
+        )
 
     @cached_property
     def redis(self) -> redis.Redis:
@@ -147,6 +166,10 @@ class Runtime:
     def queue_depth(self) -> int:
         """Batches waiting in the send queue (Celery's Redis transport keeps a queue as a list)."""
         return int(cast(int, self.redis.llen(SEND_QUEUE)))
+
+    def heartbeat(self) -> None:
+        """A tick ran: say so where `drip status` and `drip doctor` look (drip.ticker)."""
+        record_heartbeat(self.redis, tick_seconds=self.settings.tick_seconds)
 
 
 _current: list[Runtime] = []

@@ -4,19 +4,29 @@ One transaction claims what the tick will enqueue; the ids go to Redis in batche
 DRIP_BATCH_SIZE. The ticker stops claiming while the send
 queue already holds enough work for a while: a claimed row waiting in Redis longer than its lease
 would be claimed again (harmless, but wasted), and rows left in the database cost nothing.
+
+Each tick that ran to its end leaves a heartbeat in Redis (HEARTBEAT_KEY: when, on which host,
+at which interval), which `drip status` and `drip doctor` read to tell whether ticks still come.
+It lives in Redis, not the database: it is one SET per tick (a database row would take SQLite's
+write lock every tick, and need a migration), a tick cannot run without Redis anyway (beat sends
+it through Redis, and it enqueues there), and it is about processes, not patients: when Redis is
+gone, "when did a ticker last run" is honestly unknown.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Engine
 
 from drip.claims import claim_due, expire_leases, release
-from drip.clock import Clock
+from drip.clock import Clock, parse_instant, utcnow
 from drip.db import transaction
 from drip.settings import Settings
 
@@ -25,6 +35,11 @@ log = logging.getLogger("drip.ticker")
 MAX_QUEUED_BATCHES = 20
 MAX_BATCHES_PER_TICK = 50
 EXPIRE_EVERY = timedelta(seconds=5)
+HEARTBEAT_KEY = "drip:ticker:last"
+# A tick may wait behind send batches in a busy worker's queue, so "late" allows several
+# intervals, and never less than a minute.
+LATE_AFTER_TICKS = 3
+LATE_AFTER_AT_LEAST = timedelta(minutes=1)
 
 
 @dataclass
@@ -50,6 +65,7 @@ class Ticker:
     clock: Clock
     enqueue: Callable[[list[int]], None]
     queue_depth: Callable[[], int] = field(default=lambda: 0)
+    heartbeat: Callable[[], None] = field(default=lambda: None)  # after each tick that ran
     _expired_at: datetime | None = field(default=None, init=False, repr=False)
 
     def tick(self) -> TickReport:
@@ -62,6 +78,7 @@ class Ticker:
             self._claim(room, report)
         if report.claimed or report.released or report.unknown:
             log.info("tick: %s", report.as_dict())
+        self.heartbeat()
         return report
 
     def _expire(self, report: TickReport) -> None:
@@ -94,3 +111,47 @@ class Ticker:
                 raise
             report.claimed += len(batch)
             report.batches += 1
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """When a tick last ran to its end (real UTC time, not DRIP_NOW's calendar: it is about
+    processes being alive), on which host, and how often beat sends one."""
+
+    at: datetime
+    host: str
+    tick_seconds: float
+
+    def age(self, now: datetime) -> timedelta:
+        return max(now - self.at, timedelta(0))
+
+    @property
+    def late_after(self) -> timedelta:
+        return max(LATE_AFTER_AT_LEAST, LATE_AFTER_TICKS * timedelta(seconds=self.tick_seconds))
+
+    def late(self, now: datetime) -> bool:
+        return self.age(now) > self.late_after
+
+    def as_json(self) -> dict[str, Any]:
+        return {"at": self.at.isoformat(timespec="seconds"), "host": self.host,
+                "tick_seconds": self.tick_seconds}  # fmt: skip
+
+
+def record_heartbeat(client: Any, *, tick_seconds: float, at: datetime | None = None) -> None:
+    """Leave this tick's heartbeat in Redis (`client`: a redis-py client)."""
+    beat = Heartbeat(at or utcnow(), socket.gethostname(), tick_seconds)
+    client.set(HEARTBEAT_KEY, json.dumps(beat.as_json()))
+
+
+def parse_heartbeat(raw: bytes | str | None) -> Heartbeat | None:
+    """The heartbeat stored under HEARTBEAT_KEY; None when there is none (or it is garbled:
+    a value drip did not write says nothing about drip's ticks)."""
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+        return Heartbeat(
+            parse_instant(value["at"]), str(value["host"]), float(value["tick_seconds"])
+        )
+    except (ValueError, KeyError, TypeError):
+        return None

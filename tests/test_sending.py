@@ -370,3 +370,32 @@ def test_a_failure_before_the_transport_could_mark_the_row_still_records_an_atte
     report = sender(engine, settings, transport).send_batch(ids)
     delivery = rows(engine)[ids[0]]
     assert report.retry == 1 and delivery.state == "retry" and delivery.attempts == 1
+
+
+def test_an_address_that_would_break_the_headers_fails_its_row_alone_naming_the_delivery(
+    enrolled: Callable[..., None],
+    engine: Engine,
+    settings: Settings,
+    capture: CapturingServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A value that reached the database some other way (an import, a hand edit) is refused
+    when the message is built: never stripped and sent, never a traceback, never the address
+    in a log line; the other rows of the batch go out."""
+    enrolled("ana@example.com", "ben@example.com")
+    injected = "ana.secret@example.com\r\nBcc: all@evil.example"
+    with engine.begin() as c:
+        c.execute(update(Patient).where(Patient.email == "ana@example.com").values(email=injected))
+    ids = claim(engine)
+    with caplog.at_level("DEBUG"), smtp(capture.port) as transport:
+        report = sender(engine, settings, transport).send_batch(ids)
+    assert (report.sent, report.failed) == (1, 1)
+    (message,) = capture.wait_for(1)
+    assert message.rcpt_tos == ("ben@example.com",) and b"evil" not in message.data
+    [broken] = [d for d in rows(engine).values() if d.state == "failed"]
+    assert "To header" in broken.last_error and "U+000D (CARRIAGE RETURN)" in broken.last_error
+    assert "secret" not in broken.last_error and "evil" not in broken.last_error
+    logged = [r.getMessage() for r in caplog.records]
+    assert any(f"delivery {broken.id} failed" in line for line in logged)
+    assert not any("secret" in line or "evil" in line for line in logged)
+    assert not any(r.exc_info for r in caplog.records)

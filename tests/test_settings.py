@@ -73,6 +73,8 @@ def test_every_variable_is_read() -> None:
         ("DRIP_MAIL_URL", "smtp://mail.example:port", "bad port"),
         ("DRIP_MAIL_URL", "sendmail", "smtp/smtps/file"),
         ("DRIP_MAIL_URL", "smtp://mail.example?tls=sometimes", "tls"),
+        ("DRIP_MAIL_URL", "smtp://mail.example?cafile=/no/such/ca.pem", "cafile="),
+        ("DRIP_MAIL_URL", "smtps://mail.example?tls=none", "use smtp://"),
         ("DRIP_PUBLIC_URL", "drip.example", "http/https"),
         ("DRIP_PUBLIC_URL", "https://drip.example/un subscribe", "without spaces"),
         ("DRIP_PUBLIC_URL", "https://klinik-bücher.example", "xn--"),

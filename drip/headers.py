@@ -17,10 +17,12 @@ message is built, for a value that reached the database some other way.
 
 `unstructured` (Subject) and `mailbox` (From) write a header themselves, folded per RFC 5322
 §2.2.3 into lines of at most 78 characters: printable ASCII as it is (a display name quoted);
-anything else, or a word too long for a line, as RFC 2047 Q-encoded words of at most 75
-characters, each holding whole characters, folded between two words, never inside one. Not the
-email package's folder: in Python 3.11 to 3.13 it drops a display name's quotes once one of its
-words is longer than a line, so a comma in the name would start a second address.
+anything else, or a word too long for a line, as RFC 2047 encoded words in UTF-8 (Q, or base64
+when shorter, as for most non-Latin scripts) of at most 75 characters, each holding whole
+characters, folded before a space or between two encoded words, never inside one; in a display
+name, the words that are plain atoms stay as they are between them. Not the email package's
+folder: in Python 3.11 to 3.13 it drops a display name's quotes once one of its words is longer
+than a line, so a comma in the name would start a second address.
 """
 
 from __future__ import annotations

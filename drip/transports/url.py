@@ -104,7 +104,7 @@ def _private_ca(raw: str) -> ssl.SSLContext:
     of the system's store (hostname checked as always), loaded now so a wrong path fails at
     start-up, not at the first send."""
     path = Path(raw).expanduser()
-    fix = "set ?cafile= to a PEM file holding the CA certificate that signed the relay's certificate"
+    fix = "set ?cafile= to a PEM file holding the CA certificate that signed the relay's own"
     if not path.is_file():
         raise ConfigError(f"DRIP_MAIL_URL has cafile={raw!r}, which is not a file; {fix}")
     try:

@@ -15,6 +15,8 @@ from email.utils import parseaddr
 
 from email_validator import EmailNotValidError, validate_email
 
+from drip import headers
+
 _NAME_ADDR = re.compile(r"\s*([^<>]*?)\s*<([^<>]*)>\s*")
 _ADDR_SPEC = re.compile(r"[^\s<>,;\"]+@[^\s<>,;\"]+")
 _UNFIT = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}  # controls, line breaks, invisible format…
@@ -35,10 +37,15 @@ def split_from(value: str) -> tuple[str, str]:
 def one_mailbox(value: str) -> tuple[str, str]:
     """(display name, addr-spec with its domain in the xn-- form) of a From value; ValueError
     saying what to fix when it is not one mailbox on one line with an ASCII local part (the
-    relay has no SMTPUTF8). A character is named as U+XXXX, never echoed."""
+    relay has no SMTPUTF8), or holds an RFC 2047 encoded word (drip.headers). A character is
+    named as U+XXXX, never echoed; a line break at the end is refused like any other."""
     if bad := next((c for c in value if unicodedata.category(c) in _UNFIT), None):
-        name = unicodedata.name(bad, "")
-        raise ValueError(f"contains U+{ord(bad):04X}{f' ({name})' if name else ''}")
+        raise ValueError(f"contains {headers.code_point(bad)}")
+    if headers.ENCODED_WORD_START in value:
+        raise ValueError(
+            "contains '=?', which mail programs read as the start of an RFC 2047 encoded word "
+            "(a way to hide a line break); write the display name as plain text"
+        )
     if len(_ADDR_SPEC.findall(value)) > 1:
         raise ValueError("holds more than one address")
     display, addr_spec = split_from(value)

@@ -1,9 +1,12 @@
-"""The relay's circuit breaker: after a send whose outcome is unknown, stop sending for a while.
+"""The relay's circuit breaker: after a send whose outcome is unknown, or a relay that cannot be
+used as configured, stop sending for a while.
 
 A relay or content filter that hangs or drops the connection after the body may have delivered
-the message, or not: each such send is an `unknown` that a person has to sort out. So one is
-enough to stop: every worker process (on every machine, through Redis) holds off for a back-off
-that doubles with each trip in a row (1 minute up to 15), and the rows wait, untried.
+the message, or not: each such send is an `unknown` that a person has to sort out. A relay whose
+certificate does not verify, or that would get the password unencrypted, fails every message
+alike until an operator fixes it. So one is enough to stop: every worker process (on every
+machine, through Redis) holds off for a back-off that doubles with each trip in a row (1 minute
+up to 15), and the rows wait, untried.
 
 The key names the relay by a hash of its host and port: no credentials, no patient data.
 """

@@ -25,6 +25,7 @@ from datetime import time, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from drip import headers
 from drip.durations import parse_clock_time, parse_duration
 from drip.errors import CampaignError, NotFound
 
@@ -147,10 +148,11 @@ def _step(source: Path, index: int, raw: Any) -> Step:
         raise CampaignError(f"{where}: late must be 'send' or 'skip', not {late!r}")
     if late == "skip" and (skip_after is None or skip_after < timedelta(0)):
         raise CampaignError(f"{where}: late = 'skip' needs skip_after, e.g. skip_after = '36h'")
-    subject = str(raw.get("subject", "")).strip()
+    # spaces at the ends are dropped; a line break there is refused below, not dropped
+    subject = str(raw.get("subject", "")).strip(" ")
     if not subject:
         raise CampaignError(f"{where}: needs a subject")
-    preheader = str(raw.get("preheader", "")).strip()
+    preheader = str(raw.get("preheader", "")).strip(" ")
     for name, value in (("subject", subject), ("preheader", preheader)):
         _one_line(where, name, value)
     return Step(
@@ -166,15 +168,16 @@ def _step(source: Path, index: int, raw: Any) -> Step:
 
 
 def _one_line(where: str, name: str, value: str) -> None:
-    """Refuse a line break here, where the campaign is loaded: the subject goes into an email
-    header and the preheader is the one line an inbox shows after it. Caught later, a subject
-    would fail every email of the step when it is built, not once when the campaign is read."""
+    """Refuse here, where the campaign is loaded, what would break a header (drip.headers): the
+    subject goes into every email's Subject, and the preheader is the one line an inbox shows
+    after it. Caught later, a subject would fail every email of the step when it is built, not
+    once when the campaign is read. A line break at the end (a multi-line string) is refused
+    too: what a campaign says goes out as written, or not at all."""
     if "\n" in value or "\r" in value:
         raise CampaignError(
             f"{where}: the {name} {value!r} spans more than one line; write it on one line, "
             f'like {name} = "…", not as a multi-line """…""" string'
         )
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise CampaignError(
-            f"{where}: the {name} {value!r} contains a control character; remove it"
-        )
+    found = headers.problem(value)
+    if found and (name == "subject" or headers.ENCODED_WORD_START not in found):
+        raise CampaignError(f"{where}: the {name} {found}; remove it")

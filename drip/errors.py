@@ -8,9 +8,12 @@
     ├── NotFound              a patient, enrolment, campaign or delivery does not exist
     ├── CampaignError         a campaign folder or its campaign.toml is broken
     ├── TemplateError         a template failed to render
+    ├── MessageError          a value would break a message's headers: that message is not built
     ├── BrokerError           the embedded Redis could not be started
     └── DeliveryError         sending one message failed
         ├── TransientDeliveryError   try again later (4xx, connection refused or dropped)
+        │   └── RelayConfigError     the relay cannot be used as configured (TLS, AUTH): hold all
+        │                            mail until an operator fixes it, fail none
         ├── PermanentDeliveryError   never retry (5xx)
         └── UnknownOutcomeError      the connection dropped after DATA: it may have been delivered
 
@@ -96,6 +99,11 @@ class TemplateError(DripError):
     """Raised when a template fails to load or render; the email is never sent."""
 
 
+class MessageError(DripError):
+    """Raised when a message cannot be built because a value would break its headers (a line
+    break, an encoded word, a header too long); its text names the header, never the value."""
+
+
 class BrokerError(DripError):
     """Raised when the embedded Redis cannot be started or reached."""
 
@@ -106,6 +114,14 @@ class DeliveryError(DripError):
 
 class TransientDeliveryError(DeliveryError):
     """Raised for failures worth retrying: SMTP 4xx replies, refused or dropped connections."""
+
+
+class RelayConfigError(TransientDeliveryError):
+    """Raised when the relay cannot be used as DRIP_MAIL_URL says: its TLS certificate does not
+    verify, it offers no STARTTLS under tls=required, the password would go unencrypted, or it
+    refuses the credentials. Nothing of any message was sent and no message is to blame, so a
+    sender holds every message until an operator fixes it rather than failing any; transient,
+    so a caller that does not know this class still never gives a message up for it."""
 
 
 class PermanentDeliveryError(DeliveryError):

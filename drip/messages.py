@@ -10,12 +10,15 @@ connection. Every email drip sends has the same shape, so it is written out here
     └── text/html;  charset="utf-8"  quoted-printable (last: clients show the last they can)
 
 The costly header work, RFC 2047 encoding and folding of the From display name and the Subject,
-is done by the `email` package once per distinct value and cached. Bodies go through
+is done by drip.headers once per distinct value and cached. Bodies go through
 binascii.b2a_qp (C) line by line, each encoded line cached (a step's lines repeat in every email),
 so lines are at most 76 characters and end in CRLF; a line that would start
 with "." or "From " gets that character encoded, as some relays mangle such lines. Header lines
-are ASCII and far below the 998-octet limit; values that would break that (a newline, non-ASCII)
-are refused with ValueError rather than sent.
+are ASCII, at most 78 characters where the value allows and never over 998; a value that would
+start another header (a control character, an RFC 2047 encoded word: see drip.headers) or that
+is not ASCII where it must be is refused with MessageError, which names the header and never
+the value, rather than sent. Every way in refuses such values already; this is the last line.
+The headers hold one To, the patient's address, and no Cc or Bcc: one message, one recipient.
 
 `compose` is the one path from a campaign step and a patient to those bytes: the worker's Sender,
 `drip preview`, `drip send-test` and the campaign linter all call it, so what they show is what is
@@ -30,13 +33,13 @@ import secrets
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from email import policy
-from email.headerregistry import Address
 from email.utils import format_datetime
 from functools import lru_cache
 
+from drip import headers
 from drip.addresses import split_from
 from drip.campaigns import Campaign
+from drip.errors import MessageError
 from drip.rendering import Rendered, Renderer
 from drip.settings import Settings
 from drip.tokens import unsubscribe_url
@@ -174,12 +177,13 @@ def _headers(
         raise ValueError("date must be timezone-aware: a Date header needs its offset")
     lines = [
         _from_header(from_address),
-        b"To: %s\r\n" % _header_value("To", to),
+        b"To: %s\r\n" % _header_value("To", to, "the patient's address"),
         _subject_header(rendered.subject),
         _date_header(date, date.utcoffset()),
-        b"Message-ID: %s\r\n" % _header_value("Message-ID", message_id),
+        b"Message-ID: %s\r\n" % _header_value("Message-ID", message_id, "the message's id"),
         b"MIME-Version: 1.0\r\n",
-        b"List-Unsubscribe: <%s>\r\n" % _header_value("List-Unsubscribe", unsubscribe_url),
+        b"List-Unsubscribe: <%s>\r\n"
+        % _header_value("List-Unsubscribe", unsubscribe_url, "the unsubscribe link"),
         b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
     ]
     if delivery_id is not None:
@@ -187,10 +191,17 @@ def _headers(
     return b"".join(lines)
 
 
-def _header_value(name: str, value: str) -> bytes:
-    """A value written as it is: printable ASCII without spaces, so it cannot inject a header."""
-    if not _HEADER_VALUE.fullmatch(value) or len(value) > MAX_HEADER_LINE - 80:
-        raise ValueError(f"{name} {value!r} is not a short printable-ASCII value without spaces")
+def _header_value(name: str, value: str, what: str) -> bytes:
+    """A value written as it is: printable ASCII without spaces or encoded words, so it cannot
+    start another header. The error names the header and what is wrong, never the value (the
+    To address is a patient's)."""
+    found = headers.problem(value)
+    if found is None and not _HEADER_VALUE.fullmatch(value):
+        found = "is not printable ASCII without spaces"
+    if found is None and len(value) > MAX_HEADER_LINE - 80:
+        found = f"is longer than {MAX_HEADER_LINE - 80} characters"
+    if found is not None:
+        raise MessageError(f"the {name} header ({what}) {found}")
     return value.encode("ascii")
 
 
@@ -204,35 +215,24 @@ def _date_header(date: datetime, offset: timedelta | None) -> bytes:
 
 @lru_cache(maxsize=64)
 def _from_header(from_address: str) -> bytes:
-    """From with its display name, quoted or RFC 2047-encoded and folded by the email package."""
+    """From with its display name, quoted or RFC 2047-encoded, folded (drip.headers)."""
     display_name, addr_spec = split_from(from_address)
     if "@" not in addr_spec:
-        raise ValueError(f"from address {from_address!r} has no addr-spec like care@clinic.example")
-    address = Address(display_name=display_name, addr_spec=addr_spec)
-    return _fold("From", address)
+        raise MessageError("the From address (DRIP_FROM) has no addr-spec like care@clinic.example")
+    return headers.mailbox("From", display_name, addr_spec)
 
 
 @lru_cache(maxsize=256)
 def _subject_header(subject: str) -> bytes:
     """Subjects are per step, so each is encoded once."""
-    if not subject.strip() or "\n" in subject or "\r" in subject:
-        raise ValueError(f"subject {subject!r} must be one non-empty line")
-    return _fold("Subject", subject)
-
-
-def _fold(name: str, value: object) -> bytes:
-    folded = policy.SMTP.header_factory(name, value).fold(policy=policy.SMTP)
-    data: bytes = folded.encode("ascii")
-    if any(len(line) > MAX_HEADER_LINE for line in data.split(CRLF)):
-        raise ValueError(f"{name} header is too long to fold under {MAX_HEADER_LINE} octets")
-    return data
+    return headers.unstructured("Subject", subject)
 
 
 @lru_cache(maxsize=64)
 def _domain(from_address: str) -> str:
     domain = envelope_from(from_address).rpartition("@")[2]
     if not domain:
-        raise ValueError(f"from address {from_address!r} has no domain for a Message-ID")
+        raise MessageError("the From address (DRIP_FROM) has no domain for a Message-ID")
     return domain.encode("idna").decode("ascii")
 
 

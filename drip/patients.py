@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 
 from email_validator import EmailNotValidError, validate_email
 
+from drip import headers
 from drip.errors import InputError
 from drip.planning import FirstSession, local_to_utc
 
@@ -47,6 +48,8 @@ _REFUSED_CATEGORIES = {
 _JOINERS = {"\u200c", "\u200d"}  # ZERO WIDTH NON-JOINER, ZERO WIDTH JOINER
 _MARKUP = set("<>")
 _NOT_ZONES = {"localtime", "posixrules", "Factory"}  # this host's files, not places
+_SPACE = r"[^\S\x00-\x1f\x7f-\x9f\u2028\u2029]"  # white space that is no control or line break
+_EDGE_SPACES = re.compile(rf"^{_SPACE}+|{_SPACE}+$")
 
 
 @dataclass(frozen=True)
@@ -76,11 +79,21 @@ def email_key(email: str) -> str:
     return email.strip().lower()
 
 
+def strip_spaces(raw: str) -> str:
+    """`raw` without the spaces at either end; a line break or another control character
+    there is kept, for the checks to refuse: a value is never silently changed into another."""
+    return _EDGE_SPACES.sub("", raw)
+
+
 def check_email(raw: str) -> str:
-    """Syntax only (no DNS); the domain is normalised (lower case, IDNA)."""
-    raw = raw.strip()
+    """Syntax only (no DNS); the domain is normalised (lower case, IDNA). Nothing that could go
+    into the To header as more than one address (see drip.headers)."""
+    raw = strip_spaces(raw)
     if not raw:
         raise InputError("email", "is empty; give the patient's address, like ana@example.com")
+    if problem := headers.problem(raw):
+        fix = "remove it: give the patient's plain address, on one line"
+        raise InputError("email", f"{problem}; {fix}")
     try:
         result = validate_email(raw, check_deliverability=False, allow_smtputf8=False)
     except EmailNotValidError as e:
@@ -89,8 +102,9 @@ def check_email(raw: str) -> str:
 
 
 def check_name(raw: str, field: str, *, required: bool) -> str | None:
-    """1-100 printable characters; no control characters, line breaks, tabs or markup."""
-    value = unicodedata.normalize("NFC", raw.strip())
+    """1-100 printable characters; no control characters, line breaks, tabs, markup or RFC 2047
+    encoded words. Spaces at either end are dropped; a line break there is refused."""
+    value = unicodedata.normalize("NFC", strip_spaces(raw))
     if not value:
         if required:
             raise InputError(field, "is empty; give the name the patient goes by")
@@ -109,6 +123,12 @@ def check_name(raw: str, field: str, *, required: bool) -> str | None:
             raise InputError(field, f"contains {kind}, {_code_point(char)}; remove it")
         if char in _MARKUP:
             raise InputError(field, f"contains {char!r}; names cannot contain < or >")
+    if headers.ENCODED_WORD_START in value:
+        raise InputError(
+            field,
+            "contains '=?', which mail programs read as the start of an RFC 2047 encoded word; "
+            "type the name itself",
+        )
     return value
 
 
@@ -141,8 +161,7 @@ def _refused_kind(value: str, i: int) -> str | None:
 
 def _code_point(char: str) -> str:
     """U+202E (RIGHT-TO-LEFT OVERRIDE): ASCII, so the character itself is never echoed."""
-    name = unicodedata.name(char, "")
-    return f"U+{ord(char):04X}" + (f" ({name})" if name else "")
+    return headers.code_point(char)
 
 
 @lru_cache(maxsize=1024)

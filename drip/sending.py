@@ -15,6 +15,9 @@ What a batch keeps to, beyond one email:
 - after one send whose outcome is unknown (a relay that swallows messages), the batch stops,
   gives the rest back and opens the circuit breaker shared by every worker process, so a wedged
   relay costs one `unknown`, not a backlog;
+- a relay that cannot be used as configured (RelayConfigError: its TLS certificate, STARTTLS
+  missing under tls=required, a password it would get unencrypted) stops the batch the same
+  way, the row in hand going back untried too: an operator's mistake costs no row a try;
 - transient failures are retried with back-off for DRIP_RETRY_FOR, then `failed`;
 - a message that cannot be built (any exception) fails its row alone, with the reason;
 - the batch renews its lease as it goes and stops taking new emails at its soft deadline, well
@@ -58,6 +61,7 @@ from drip.errors import (
     DeliveryError,
     DripError,
     PermanentDeliveryError,
+    RelayConfigError,
     TransientDeliveryError,
 )
 from drip.messages import Recipient, compose, envelope_from
@@ -486,6 +490,12 @@ class _Batch:
                 report.not_ours += 1
                 self.current = None
                 continue
+            except _RelayUnusable as unusable:
+                if unusable.outcome is not None:  # the row went `sending` first: it is retried
+                    self.outcomes.append(unusable.outcome)
+                    self.current = None
+                self.stop = self._relay_unusable(unusable.error)
+                break  # a row still in hand was never ours to send: it goes back untried
             self.outcomes.append(outcome)
             self.current = None
             failures_in_a_row = failures_in_a_row + 1 if outcome.state == RETRY else 0
@@ -500,6 +510,16 @@ class _Batch:
                 )
                 self.stop = Stop(why, wait=wait)
 
+    def _relay_unusable(self, error: RelayConfigError) -> Stop:
+        """The relay cannot be used as configured (a bad certificate, no STARTTLS under
+        tls=required, a password it would get in plain text, credentials refused): no message is
+        to blame and every one would meet it. The batch goes back untried and the breaker
+        opens, as for a relay that loses outcomes, so it costs no row a try until it is fixed."""
+        wait = self.sender.breaker.trip()
+        log.error("sending paused: the mail relay cannot be used as configured: %s", error)
+        why = f"not attempted: the mail relay cannot be used as configured ({error})"
+        return Stop(why, wait=wait)
+
     def _should_stop(self) -> Stop | None:
         """The batch's soft deadline, or the shared circuit breaker opened by another batch."""
         now_m = self.sender.monotonic()
@@ -509,7 +529,10 @@ class _Batch:
             self.breaker_checked = now_m
             wait = self.sender.breaker.open_for()
             if wait > 0:
-                why = "not attempted: another batch lost an email's outcome (circuit breaker)"
+                why = (
+                    "not attempted: sending is paused (circuit breaker: a batch lost an email's "
+                    "outcome, or could not use the mail relay as configured)"
+                )
                 return Stop(why, wait=wait)
         return None
 
@@ -574,6 +597,11 @@ class _Batch:
                 before_content=mark,
                 while_waiting=self.builder.ahead,
             )
+        except RelayConfigError as e:
+            if not mark.done:  # the row is still `claimed`: nothing was tried for it
+                raise _RelayUnusable(e, None) from e
+            mark()
+            raise _RelayUnusable(e, sender._failure(job, e)) from e
         except DeliveryError as e:
             mark()  # first: _failure reads the attempts that marking counts
             return sender._failure(job, e)
@@ -663,6 +691,15 @@ def _job(row: Loaded) -> Job:
 class _NotOurs(Exception):
     """The row is no longer `claimed` with its plan, or its enrolment is no longer active: a
     coordinator's change, or another copy of the task, got there first."""
+
+
+class _RelayUnusable(Exception):
+    """The transport raised RelayConfigError: the batch stops; `outcome` is the row's when it
+    had already gone `sending` (a 530 to MAIL), else None (it goes back with the rest)."""
+
+    def __init__(self, error: RelayConfigError, outcome: Outcome | None) -> None:
+        super().__init__(str(error))
+        self.error, self.outcome = error, outcome
 
 
 class _Mark:

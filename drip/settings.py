@@ -90,9 +90,9 @@ class Settings:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for name, parse in _PARSERS.items():
-            raw = env.get(name, "").strip()
-            if raw:
-                values.update(parse(name, raw))
+            raw = env.get(name, "")
+            if raw.strip():
+                values.update(parse(name, raw if name in _UNTRIMMED else raw.strip()))
         settings = replace(cls(), **values)
         settings.check_lease()
         if not settings.secret_key:
@@ -319,6 +319,7 @@ def _from(name: str, raw: str) -> dict[str, Any]:
     name shows on lock screens, so it may not name a drug, condition or treatment. An
     international domain is kept in its xn-- form, which the relay and every header take."""
     example = 'e.g. "Lakeside Clinic <care@lakeside.example>"'
+    raw = raw.strip(" ")
     try:
         display, addr = one_mailbox(raw)
     except ValueError as e:
@@ -389,6 +390,10 @@ def _path(field: str) -> Parser:
 
     return parse
 
+
+# Read as they are, not trimmed: a line break at the end of DRIP_FROM is refused, not dropped,
+# as it would be refused anywhere else in a value that goes into a header.
+_UNTRIMMED = {"DRIP_FROM"}
 
 _PARSERS = {
     "DRIP_DATABASE_URL": _database_url,

@@ -93,7 +93,11 @@ class CapturingServer(_Threaded):
     """aiosmtpd on 127.0.0.1:<ephemeral>; `.messages` holds every message received.
 
     tls_context: offer STARTTLS with it (or, with implicit_tls=True, speak TLS from the start).
-    credentials: (user, password) to require AUTH with (aiosmtpd only offers AUTH over TLS).
+    credentials: (user, password) to require AUTH with (aiosmtpd only offers AUTH after
+    STARTTLS, unless auth_over_plain_text: then it offers AUTH, without requiring it, on any
+    connection, implicit TLS included).
+    `commands` records every command's verb as received (never its argument: AUTH carries the
+    password), and `encrypted` whether the connection was under TLS then: ("EHLO", False).
     """
 
     def __init__(
@@ -102,9 +106,11 @@ class CapturingServer(_Threaded):
         tls_context: ssl.SSLContext | None = None,
         implicit_tls: bool = False,
         credentials: tuple[str, str] | None = None,
+        auth_over_plain_text: bool = False,
         delay: float = 0.0,
     ) -> None:
         self.messages: list[Captured] = []
+        self.commands: list[tuple[str, bool]] = []
         self.delay = delay  # seconds before the reply to each message: a slow server
         self.held: list[Held] = []  # every message held back so far (see hold)
         self._released = threading.Event()
@@ -120,6 +126,8 @@ class CapturingServer(_Threaded):
             kwargs["tls_context"] = tls_context
         if credentials is not None:
             kwargs |= {"authenticator": self._authenticate, "auth_required": True}
+        if auth_over_plain_text:  # offered, not required: aiosmtpd warns against requiring it
+            kwargs |= {"auth_require_tls": False, "auth_required": False}
         self._controller = _Controller(self, _Collector(self), hostname=HOST, port=0, **kwargs)
 
     @property
@@ -173,6 +181,15 @@ class CapturingServer(_Threaded):
         with self._changed:
             self.connections += 1
 
+    def verbs(self) -> list[str]:
+        """The verbs received so far, e.g. ["EHLO", "STARTTLS", "EHLO", "MAIL", ...]."""
+        with self._changed:
+            return [verb for verb, _ in self.commands]
+
+    def _command(self, verb: str, encrypted: bool) -> None:
+        with self._changed:
+            self.commands.append((verb, encrypted))
+
     def _authenticate(
         self, server: AioSMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
     ) -> AuthResult:
@@ -205,6 +222,49 @@ class _Collector:
         return "250 2.0.0 Ok: queued"
 
 
+class _Recording(AioSMTP):
+    """aiosmtpd's SMTP session, telling its owner each command it receives (smtp_* methods are
+    aiosmtpd's way to handle a command; each here records, then does what aiosmtpd does)."""
+
+    owner: CapturingServer
+
+    def _record(self, verb: str) -> None:
+        implicit = self.transport is not None and self.transport.get_extra_info("ssl_object")
+        self.owner._command(verb, self._tls_protocol is not None or bool(implicit))
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._record("EHLO")
+        await super().smtp_EHLO(hostname)
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._record("HELO")
+        await super().smtp_HELO(hostname)
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        self._record("STARTTLS")
+        await super().smtp_STARTTLS(arg)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        self._record("AUTH")
+        await super().smtp_AUTH(arg)
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        self._record("MAIL")
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        self._record("RCPT")
+        await super().smtp_RCPT(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        self._record("DATA")
+        await super().smtp_DATA(arg)
+
+    async def smtp_QUIT(self, arg: str) -> None:
+        self._record("QUIT")
+        await super().smtp_QUIT(arg)
+
+
 class _Controller(Controller):
     """aiosmtpd's Controller, on an ephemeral port, counting connections."""
 
@@ -214,7 +274,9 @@ class _Controller(Controller):
 
     def factory(self) -> AioSMTP:
         self.owner._connected()  # called once per connection
-        return super().factory()
+        session = _Recording(self.handler, **self.SMTP_kwargs)
+        session.owner = self.owner
+        return session
 
     def _trigger_server(self) -> None:
         # Port 0 asks the OS for a free port; learn which before the controller probes it.

@@ -102,15 +102,58 @@ def test_a_subject_or_preheader_on_more_than_one_line_is_refused_when_loaded(
     assert "more than one line" in message and f'{field} = "…"' in message
 
 
-def test_a_multi_line_string_that_is_one_line_once_trimmed_is_accepted(tmp_path: Path) -> None:
-    (step,) = load_campaign(write(tmp_path, STEP.replace('"Hi"', '"""\nHi\n"""')), "c").steps
+def test_a_multi_line_string_ending_in_a_line_break_is_refused_not_trimmed(
+    tmp_path: Path,
+) -> None:
+    """A subject goes out as written or not at all: a trailing line break is not dropped."""
+    with pytest.raises(CampaignError, match="more than one line"):
+        load_campaign(write(tmp_path, STEP.replace('"Hi"', '"""\nHi\n"""')), "c")
+
+
+def test_spaces_around_a_subject_are_trimmed(tmp_path: Path) -> None:
+    (step,) = load_campaign(write(tmp_path, STEP.replace('"Hi"', '"  Hi  "')), "c").steps
     assert step.subject == "Hi"
 
 
 def test_a_control_character_in_the_subject_is_refused_when_loaded(tmp_path: Path) -> None:
     body = '[[steps]]\nkey = "a"\nsubject = "Hi\\u000bthere"\n'
-    with pytest.raises(CampaignError, match="control character"):
+    with pytest.raises(CampaignError, match="control character, U\\+000B"):
         load_campaign(write(tmp_path, body), "c")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("subject", r"Hi\r\nBcc: a@evil.example", "more than one line"),
+        ("subject", r"Hi\n", "more than one line"),
+        ("subject", r"Hi\u0085Bcc: a@evil.example", "U+0085 (NEXT LINE)"),
+        ("subject", r"Hi\u2028Bcc: a@evil.example", "U+2028 (LINE SEPARATOR)"),
+        ("subject", r"Hi\u2029", "U+2029 (PARAGRAPH SEPARATOR)"),
+        ("subject", r"Hi\u0000", "U+0000 (NUL)"),
+        ("subject", r"Hi\u0009there", "U+0009 (TAB)"),
+        ("subject", "=?utf-8?q?x=0D=0ABcc:_a@evil.example?=", "encoded word"),
+        ("subject", "=?utf-8?b?eA0KQmNjOiBhQGV2aWw=?=", "encoded word"),
+        ("preheader", r"What to bring\u2028Bcc", "U+2028 (LINE SEPARATOR)"),
+        ("preheader", r"What to bring\u007f", "U+007F (DELETE)"),
+    ],
+)
+def test_what_would_break_a_header_is_refused_naming_the_file_step_and_character(
+    tmp_path: Path, field: str, value: str, says: str
+) -> None:
+    body = STEP if field == "preheader" else '[[steps]]\nkey = "a"\n'
+    body += f'{field} = "{value}"\n'
+    with pytest.raises(CampaignError) as caught:
+        load_campaign(write(tmp_path, body), "c")
+    message = str(caught.value)
+    assert "campaign.toml: step 'a'" in message and f"the {field}" in message
+    assert says in message
+
+
+def test_a_preheader_may_hold_an_equals_sign_and_question_mark(tmp_path: Path) -> None:
+    """It is body text, not a header: only a subject may not look like an encoded word."""
+    body = STEP + 'preheader = "Costs =? Ask us"\n'
+    (step,) = load_campaign(write(tmp_path, body), "c").steps
+    assert step.preheader == "Costs =? Ask us"
 
 
 def _templates_with_a_broken_campaign(tmp_path: Path) -> Path:

@@ -283,6 +283,26 @@ def test_a_subject_on_two_lines_is_a_campaign_finding_not_a_crash(
     assert "step 'welcome'" in found["message"] and "more than one line" in found["message"]
 
 
+@pytest.mark.parametrize(
+    ("subject", "says"),
+    [
+        ("Welcome\\r\\nBcc: a@evil.example", "more than one line"),
+        ("Welcome\\n", "more than one line"),
+        ("Welcome\\u2028Bcc: a@evil.example", "U+2028 (LINE SEPARATOR)"),
+        ("Welcome\\u0085", "U+0085 (NEXT LINE)"),
+        ("=?utf-8?b?eA0KQmNjOiBhQGV2aWw=?=", "RFC 2047 encoded word"),
+    ],
+)
+def test_a_subject_that_would_break_its_header_is_a_finding_naming_file_step_and_character(
+    validate: Validate, templates: Path, subject: str, says: str
+) -> None:
+    toml = templates / CAMPAIGN / "campaign.toml"
+    edit(toml, 'subject = "Welcome to your care team"', f'subject = "{subject}"')
+    (found,) = findings(validate, templates)
+    assert found["code"] == "campaign" and found["file"] == f"emails/{CAMPAIGN}/campaign.toml"
+    assert "step 'welcome'" in found["message"] and says in found["message"]
+
+
 def test_a_campaign_folder_outside_the_templates_dir_is_a_finding_not_a_crash(
     validate: Validate, templates: Path, tmp_path: Path
 ) -> None:

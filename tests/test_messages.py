@@ -8,6 +8,7 @@ import random
 import re
 from datetime import UTC, datetime, timedelta, timezone
 from email import policy
+from email.header import decode_header, make_header
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import parsedate_to_datetime
@@ -15,7 +16,9 @@ from typing import Any
 
 import pytest
 
+from drip.addresses import split_from
 from drip.campaigns import load_campaign
+from drip.errors import MessageError
 from drip.messages import (
     _quoted_printable,
     build_message,
@@ -194,21 +197,134 @@ def test_a_display_name_with_a_comma_is_quoted_and_reads_back(sender: str) -> No
     "bad",
     [
         {"to": "zoe@example.com\r\nBcc: all@example.com"},
+        {"to": "zoe@example.com\n"},
         {"to": "Zoë <zoe@example.com>"},
+        {"to": "=?utf-8?b?eA0KQmNjOiBhQGV2aWw=?=@example.com"},
         {"message_id": "<a@b>\r\nX: y"},
         {"unsubscribe_url": "https://x.example/u/é"},
-        {"date": datetime(2026, 11, 2, 10, 0)},
         {"from_address": "no address"},
+        {"from_address": "=?utf-8?b?eA0KQmNjOiBhQGV2aWw=?= <care@clinic.example>"},
+        {"from_address": "Clinic\u2028Bcc: a@evil.example <care@clinic.example>"},
     ],
 )
 def test_values_that_would_break_the_headers_are_refused(bad: dict[str, Any]) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(MessageError):
         build(**bad)
 
 
-def test_a_subject_with_a_line_break_is_refused() -> None:
-    with pytest.raises(ValueError, match="one non-empty line"):
-        build(Rendered("Hi\r\nBcc: x@example.com", "", "x", "x"))
+def test_a_date_without_its_offset_is_refused() -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        build(date=datetime(2026, 11, 2, 10, 0))
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "Hi\r\nBcc: x@example.com",
+        "Hi\n",
+        "Hi\x00",
+        "Hi\x85Bcc: x@example.com",  # NEL
+        "Hi\u2028Bcc: x@example.com",
+        "=?utf-8?q?x=0D=0ABcc:_a@evil.example?=",
+        "=?utf-8?b?eA0KQmNjOiBhQGV2aWw=?=",
+        "",
+    ],
+)
+def test_a_subject_that_would_start_another_header_is_refused_not_decoded(subject: str) -> None:
+    """The email package decodes an encoded word given as a header's text and wrote its CR LF
+    out as a `Bcc:` line of its own; now no such subject is written at all."""
+    with pytest.raises(MessageError, match="Subject") as refused:
+        build(Rendered(subject, "", "x", "x"))
+    assert "evil" not in str(refused.value) and "Bcc" not in str(refused.value)
+
+
+def test_an_address_that_cannot_go_in_a_header_is_refused_without_naming_it() -> None:
+    with pytest.raises(MessageError) as refused:
+        build(to="zoe.secret@example.com\r\nBcc: a@evil.example")
+    message = str(refused.value)
+    assert "To header" in message and "U+000D (CARRIAGE RETURN)" in message
+    assert "zoe.secret" not in message and "evil" not in message
+
+
+DISPLAY_NAMES = [
+    "Lakeside Wellness, LLC",
+    'The "Lakeside" Clinic',
+    "O'Brien & Sons \\ Partners (demo)",
+    "Lakeside Wellness Clinic of Greater Springfield, Partners in Care and Behavioral Health, LLC",
+    "Clínica de Bienestar Lakeside, S.L.",
+    "Zoë O'Brien-Łukasiewicz, Ψυχική Υγεία",
+    "Клиника «Озёрная», отделение психического здоровья и благополучия",
+    "李小龍 醫療中心",
+    "Nguyễn Thị Minh Khai Wellness Center 😀",
+    "x" * 90,
+    "é" * 90,
+]
+SUBJECTS = [
+    "Welcome to your care team",
+    "Questions about cost and coverage: what to ask, who to call, and when, before your visit",
+    "Bienvenue à votre équipe de soins, Zoë — voici ce qu’il faut savoir avant la visite 李",
+    'A "quoted" subject, with commas; and (parentheses) <angles> @ signs \\ backslashes',
+    "Sehr geehrte Patientin, herzlich willkommen in der Lakeside-Klinik für Ihre erste Sitzung",
+    "x" * 120,
+    "long_" * 30,
+]
+
+
+def test_nasty_but_legal_names_and_subjects_make_one_recipient_and_decode_back() -> None:
+    """Long non-ASCII names, quotes, commas, backslashes: every message re-parsed strictly has
+    exactly one From, one To with one address, no Cc or Bcc, lines of at most 78 characters,
+    and headers that decode (email.header.decode_header, as mail clients do) to what went in."""
+    for display_name in DISPLAY_NAMES:
+        for subject in SUBJECTS:
+            raw = build(
+                Rendered(subject, "", "x\n", "<p>x</p>\n"),
+                from_address=f"{display_name} <care@clinic.example>",
+            )
+            head = raw.split(b"\r\n\r\n", 1)[0]
+            assert max(len(line) for line in head.split(b"\r\n")) <= 78, head
+            message = parse(raw)
+            assert message.get_all("To") is not None and len(message.get_all("To")) == 1
+            assert [a.addr_spec for a in message["To"].addresses] == ["zoe@example.com"]
+            assert all(message.get(name) is None for name in ("Cc", "Bcc", "Resent-To"))
+            (sender,) = message["From"].addresses
+            assert sender.addr_spec == "care@clinic.example"
+            assert str(message["Subject"]) == subject
+            assert _decoded_display_name(raw) == display_name
+
+
+def test_a_display_name_without_a_split_word_reads_back_exactly_with_the_email_package() -> None:
+    for display_name in [*DISPLAY_NAMES[:5], "李小龍 醫療中心"]:
+        message = parse(build(from_address=f"{display_name} <care@clinic.example>"))
+        assert message["From"].addresses[0].display_name == display_name
+
+
+def test_random_display_names_and_subjects_fold_under_78_and_decode_back() -> None:
+    rng = random.Random(5322)
+    pieces = ["Zoë", "O'Brien", '"q"', ",", " ", "  ", "李小龍", "Ελληνικά", "x" * 30, "😀",
+              "(", ")", "\\", ";", ":", "@", ".", "Lakeside", "é" * 40, "a" * 80, "-", "=",
+              "?", "_", "e\u0301", "!", "*", "/"]  # fmt: skip
+    for _ in range(200):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 20))).strip(" ")
+        if not text or "=?" in text:
+            continue
+        raw = build(Rendered(text, "", "x\n", "x\n"), from_address=f"{text} <c@clinic.example>")
+        head = raw.split(b"\r\n\r\n", 1)[0]
+        assert max(len(line) for line in head.split(b"\r\n")) <= 78, head
+        message = parse(raw)
+        assert str(message["Subject"]) == text
+        assert [a.addr_spec for a in message["From"].addresses] == ["c@clinic.example"]
+        assert _decoded_display_name(raw) == split_from(f"{text} <c@clinic.example>")[0]
+
+
+def _decoded_display_name(raw: bytes) -> str:
+    """The From display name as RFC 2047 §6.2 decodes it (whitespace between two encoded words
+    ignored), read from the raw header: the email package's own reading puts a space there."""
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("ascii")
+    (field,) = re.findall(r"(?m)^From:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)", head)
+    phrase = field.replace("\r\n", "").rsplit("<", 1)[0].strip()
+    if phrase.startswith('"'):
+        return re.sub(r"\\(.)", r"\1", phrase[1:-1])
+    return str(make_header(decode_header(phrase)))
 
 
 def _awkward_text(rng: random.Random) -> str:

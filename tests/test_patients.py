@@ -42,6 +42,12 @@ def test_an_international_domain_is_stored_in_its_ascii_form() -> None:
         "ana@example..com",
         "ana lopez@example.com",
         "ana@example.com\r\nBcc: x@y.z",
+        "x\r\nBcc: a@evil.example",
+        "ana@example.com\n",
+        "ana@example.com\u2028",
+        "ana@example.com\x85",
+        "=?utf-8?b?eA0KQmNjOiBhQGV2aWw=?=@example.com",
+        "=?utf-8?q?x?=@example.com",
         "josé@example.com",
     ],
 )
@@ -49,6 +55,21 @@ def test_a_bad_address_is_refused_with_the_field_named(raw: str) -> None:
     with pytest.raises(InputError) as caught:
         check_email(raw)
     assert caught.value.field == "email"
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        ("ana@example.com\n", "U+000A (LINE FEED)"),
+        ("ana@example.com\r\nBcc: a@evil.example", "U+000D (CARRIAGE RETURN)"),
+        ("=?utf-8?b?eA0KQmNjOiBhQGV2aWw=?=@example.com", "RFC 2047 encoded word"),
+    ],
+)
+def test_an_address_that_could_break_the_to_header_names_the_character(raw: str, says: str) -> None:
+    with pytest.raises(InputError) as caught:
+        check_email(raw)
+    assert caught.value.field == "email" and says in caught.value.reason
+    assert "one line" in caught.value.reason
 
 
 def test_no_dns_look_up_is_made_for_an_address() -> None:
@@ -72,6 +93,10 @@ def test_no_dns_look_up_is_made_for_an_address() -> None:
 )
 def test_good_names_pass(name: str) -> None:
     assert check_name(name, "first_name", required=True) == name
+
+
+def test_spaces_around_a_name_are_dropped_of_any_width() -> None:
+    assert check_name(" \u00a0Zoë\u3000 ", "first_name", required=True) == "Zoë"
 
 
 def test_a_name_typed_with_a_combining_accent_is_stored_composed() -> None:
@@ -115,6 +140,14 @@ def test_invisible_and_format_characters_are_refused_by_code_point(name: str, co
         ("Ana\x1b[31m", "control"),
         ("Ana\u2028Lee", "line break"),
         ("<b>Ana</b>", "cannot contain"),
+        ("x\r\nBcc: a@evil.example", "U+000D (CARRIAGE RETURN)"),
+        ("Ana\n", "U+000A (LINE FEED)"),
+        ("Ana\r\n", "U+000D"),
+        ("\nAna", "U+000A"),
+        ("Ana\u2029", "U+2029"),
+        ("Ana\x85", "U+0085 (NEXT LINE)"),
+        ("=?utf-8?q?x=0D=0ABcc:_a@evil?=", "encoded word"),
+        ("=?utf-8?b?eA0KQmNjOiBhQGV2aWw=?=", "encoded word"),
     ],
 )
 def test_bad_names_are_refused_with_the_reason(name: str, reason: str) -> None:
@@ -260,5 +293,42 @@ def test_the_command_line_and_a_csv_refuse_the_same_values(
         assert result.exit_code == 1, result.output
         assert f"{field}:" in result.stderr and "Traceback" not in result.output
         assert "\u202e" not in result.output
+    with engine.connect() as c:
+        assert c.scalar(select(func.count()).select_from(Patient)) == 0
+
+
+INJECTIONS = [
+    "x\r\nBcc: a@evil.example",
+    "=?utf-8?q?x=0D=0ABcc:_a@evil.example?=",
+    "=?utf-8?b?eA0KQmNjOiBhQGV2aWw=?=",
+    "Ana\n",
+]
+
+
+@pytest.mark.parametrize("payload", INJECTIONS)
+@pytest.mark.parametrize("field", ["email", "first_name", "last_name"])
+def test_header_injection_payloads_are_refused_by_the_command_line_and_a_csv(
+    drip: Callable[..., Result], engine: Engine, tmp_path: Path, field: str, payload: str
+) -> None:
+    """Refused at input, with the field named and the fix, and nothing written: a name or an
+    address that could hide a second recipient or a Bcc never reaches the database."""
+    values = {"email": "ana@example.com", "first_name": "Ana", "last_name": "Lee"}
+    values[field] = payload if field != "email" or "@" in payload else f"{payload}@example.com"
+    one = drip(
+        "enroll", values["email"], "--campaign", "ketamine-onboarding",
+        "--first-name", values["first_name"], "--last-name", values["last_name"],
+    )  # fmt: skip
+    csv = tmp_path / "patients.csv"
+    cells = ('"' + values[name].replace('"', '""') + '"' for name in values)
+    csv.write_text("email,first_name,last_name\n" + ",".join(cells) + "\n", encoding="utf-8")
+    many = drip("enroll", "--csv", str(csv), "--campaign", "ketamine-onboarding")
+    for result in (one, many):
+        assert result.exit_code == 1, result.output
+        assert "Traceback" not in result.output
+    assert f"{field}:" in one.stderr
+    assert "remove it" in one.stderr or "encoded word" in one.stderr
+    # a CSV row whose quoted value holds a line break is refused as a row, before any field
+    assert "line 2" in many.stderr
+    assert f"{field}:" in many.stderr or "holds line breaks" in many.stderr
     with engine.connect() as c:
         assert c.scalar(select(func.count()).select_from(Patient)) == 0

@@ -21,6 +21,7 @@ from click.testing import Result
 from sqlalchemy import Engine, select, update
 
 from drip import db, suppression
+from drip.breaker import LocalBreaker
 from drip.claims import claim_due
 from drip.clock import Clock
 from drip.errors import TransientDeliveryError
@@ -29,7 +30,7 @@ from drip.sending import BACKOFF_BASE, BACKOFF_CAP, Sender, backoff
 from drip.settings import Settings
 from drip.states import leave
 from drip.transports import MemoryTransport, Transport, open_transport
-from tests.smtp_servers import CapturingServer, ScriptedServer
+from tests.smtp_servers import CapturingServer, ScriptedServer, self_signed_tls
 
 Drip = Callable[..., Result]
 NOW = datetime(2026, 10, 30, 14, 1, tzinfo=UTC)  # Fri 10:01 in New York
@@ -375,3 +376,60 @@ def test_a_failure_before_the_transport_could_mark_the_row_still_records_an_atte
     report = sender(engine, settings, transport).send_batch(ids)
     delivery = rows(engine)[ids[0]]
     assert report.retry == 1 and delivery.state == "retry" and delivery.attempts == 1
+
+
+def test_an_address_that_would_break_the_headers_fails_its_row_alone_naming_the_delivery(
+    enrolled: Callable[..., None],
+    engine: Engine,
+    settings: Settings,
+    capture: CapturingServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A value that reached the database some other way (an import, a hand edit) is refused
+    when the message is built: never stripped and sent, never a traceback, never the address
+    in a log line; the other rows of the batch go out."""
+    enrolled("ana@example.com", "ben@example.com")
+    injected = "ana.secret@example.com\r\nBcc: all@evil.example"
+    with engine.begin() as c:
+        c.execute(update(Patient).where(Patient.email == "ana@example.com").values(email=injected))
+    ids = claim(engine)
+    with caplog.at_level("DEBUG"), smtp(capture.port) as transport:
+        report = sender(engine, settings, transport).send_batch(ids)
+    assert (report.sent, report.failed) == (1, 1)
+    (message,) = capture.wait_for(1)
+    assert message.rcpt_tos == ("ben@example.com",) and b"evil" not in message.data
+    [broken] = [d for d in rows(engine).values() if d.state == "failed"]
+    assert "To header" in broken.last_error and "U+000D (CARRIAGE RETURN)" in broken.last_error
+    assert "secret" not in broken.last_error and "evil" not in broken.last_error
+    logged = [r.getMessage() for r in caplog.records]
+    assert any(f"delivery {broken.id} failed" in line for line in logged)
+    assert not any("secret" in line or "evil" in line for line in logged)
+    assert not any(r.exc_info for r in caplog.records)
+
+
+@pytest.mark.parametrize("relay", ["self-signed", "no STARTTLS"])
+def test_a_relay_that_cannot_be_used_as_configured_holds_the_batch_and_opens_the_breaker(
+    enrolled: Callable[..., None], engine: Engine, settings: Settings, tmp_path: Path, relay: str
+) -> None:
+    """A certificate that does not verify, or no STARTTLS under tls=required, is an operator's
+    mistake, not a patient's: no row is tried, retried or failed for it; the whole batch goes
+    back untried, due when the circuit breaker (shared by every worker) closes."""
+    pytest.importorskip("cryptography")
+    enrolled("a@example.com", "b@example.com", "c@example.com")
+    ids = claim(engine)
+    server_context, _ = self_signed_tls(tmp_path)
+    breaker = LocalBreaker()
+    if relay == "self-signed":
+        server, options = CapturingServer(tls_context=server_context), ""
+    else:
+        server, options = CapturingServer(), "?tls=required"
+    with server, open_transport(f"smtp://127.0.0.1:{server.port}{options}", timeout=30) as smtp:
+        report = Sender(
+            engine, settings, smtp, Clock(NOW), rng=random.Random(7), breaker=breaker
+        ).send_batch(ids)
+        assert "MAIL" not in server.verbs() and server.messages == []
+    assert (report.given_back, report.retry, report.failed, report.sent) == (3, 0, 0, 0)
+    assert breaker.open_for() > 0
+    after = [rows(engine)[i] for i in ids]
+    assert all(d.state == "scheduled" and d.attempts == 0 and d.due_at > NOW for d in after)
+    assert all("cannot be used as configured" in d.last_error for d in after)

@@ -14,6 +14,7 @@ import pytest
 from drip.errors import (
     ConfigError,
     PermanentDeliveryError,
+    RelayConfigError,
     TransientDeliveryError,
     UnknownOutcomeError,
 )
@@ -220,10 +221,10 @@ def test_a_5xx_to_mail_is_permanent_and_a_reply_without_enhanced_code_has_none()
     assert (failure.value.code, failure.value.enhanced) == (553, "")
 
 
-def test_530_authentication_required_is_transient_and_names_the_fix() -> None:
+def test_530_authentication_required_is_a_configuration_error_naming_the_fix() -> None:
     script = {"MAIL": ["530 5.7.0 Authentication required"]}
     with ScriptedServer(script) as server, transport(server) as smtp:
-        with pytest.raises(TransientDeliveryError, match="DRIP_MAIL_URL"):
+        with pytest.raises(RelayConfigError, match="DRIP_MAIL_URL"):
             smtp.send(SENDER, PATIENT, MESSAGE)
 
 
@@ -566,13 +567,35 @@ def test_envelope_addresses_are_written_as_smtplib_writes_them(address: str) -> 
     assert _envelope_address(address) == smtplib.quoteaddr(address)
 
 
-def test_a_line_break_in_an_envelope_address_is_refused_before_anything_is_written(
-    writes: list[bytes],
+@pytest.mark.parametrize(
+    ("recipient", "says"),
+    [
+        ("pat@x.example>\r\nRCPT TO:<evil@x.example", "line break"),
+        ("pat@x.example\n", "line break"),
+        ("pat@x.example\u2028", "line break"),
+        ("pat@x.example, evil@x.example", "more than one address"),
+        ("Pat <pat@x.example>, Evil <evil@x.example>", "more than one address"),
+    ],
+)
+def test_an_envelope_address_that_is_not_one_address_is_refused_before_anything_is_written(
+    writes: list[bytes], recipient: str, says: str
 ) -> None:
+    """Permanent (this message can never go), so the row fails alone; nothing is written, not
+    even a connection opened."""
     with ScriptedServer() as server, transport(server) as smtp:
-        with pytest.raises(ValueError, match="line break"):
-            smtp.send(SENDER, "pat@x.example>\r\nRCPT TO:<evil@x.example", MESSAGE)
-    assert "RCPT" not in server.verbs()
+        with pytest.raises(PermanentDeliveryError, match=says) as refused:
+            smtp.send(SENDER, recipient, MESSAGE)
+    assert server.connections == 0 and writes == []
+    assert not refused.value.bad_mailbox and "evil" not in str(refused.value)
+
+
+def test_each_message_goes_to_exactly_one_rcpt() -> None:
+    with CapturingServer() as server, transport(server) as smtp:
+        smtp.send(SENDER, PATIENT, MESSAGE)
+        smtp.send(SENDER, "o'brien+tag@patients.example", MESSAGE)
+        messages = server.wait_for(2)
+    assert [m.rcpt_tos for m in messages] == [(PATIENT,), ("o'brien+tag@patients.example",)]
+    assert server.verbs().count("RCPT") == 2 and server.verbs().count("MAIL") == 2
 
 
 # --- TLS and credentials ------------------------------------------------------------------
@@ -581,7 +604,7 @@ def test_a_line_break_in_an_envelope_address_is_refused_before_anything_is_writt
 def test_credentials_are_never_sent_over_an_unencrypted_connection() -> None:
     with ScriptedServer(extensions=("AUTH PLAIN LOGIN",)) as server:
         with transport(server, username="u", password="secret") as smtp:
-            with pytest.raises(TransientDeliveryError, match="unencrypted") as failure:
+            with pytest.raises(RelayConfigError, match="unencrypted") as failure:
                 smtp.send(SENDER, PATIENT, MESSAGE)
     assert "AUTH" not in server.verbs() and "MAIL" not in server.verbs()
     assert "secret" not in str(failure.value) and "DRIP_MAIL_URL" in str(failure.value)
@@ -589,9 +612,9 @@ def test_credentials_are_never_sent_over_an_unencrypted_connection() -> None:
 
 def test_tls_required_refuses_a_server_without_starttls() -> None:
     with ScriptedServer() as server, transport(server, tls="required") as smtp:
-        with pytest.raises(TransientDeliveryError, match="STARTTLS"):
+        with pytest.raises(RelayConfigError, match="STARTTLS"):
             smtp.send(SENDER, PATIENT, MESSAGE)
-    assert "MAIL" not in server.verbs()
+    assert server.verbs() == ["EHLO"]
 
 
 def test_starttls_is_used_whenever_offered_and_its_failure_is_transient() -> None:
@@ -625,26 +648,123 @@ def test_implicit_tls(tls: tuple[SSLContext, SSLContext]) -> None:
         assert server.wait_for(1)[0].data == MESSAGE
 
 
-@pytest.mark.parametrize("implicit", [False, True])
-def test_an_untrusted_certificate_is_refused(
-    tls: tuple[SSLContext, SSLContext], implicit: bool
+@pytest.mark.parametrize("scheme", ["smtp", "smtps"])
+def test_a_self_signed_certificate_is_refused_against_the_system_store(
+    tls: tuple[SSLContext, SSLContext], scheme: str
+) -> None:
+    """Verified by default, STARTTLS and smtps alike: a configuration problem, said with its
+    fix, and nothing that carries data was sent (no AUTH, no MAIL)."""
+    server_context, _ = tls
+    server = CapturingServer(
+        tls_context=server_context, implicit_tls=scheme == "smtps", credentials=("u", "secret")
+    )
+    with server, open_transport(f"{scheme}://u:secret@{HOST}:{server.port}?timeout=30") as smtp:
+        with pytest.raises(RelayConfigError, match="CERTIFICATE_VERIFY_FAILED") as refused:
+            smtp.send(SENDER, PATIENT, MESSAGE)
+        assert server.messages == []
+        assert set(server.verbs()) <= {"EHLO", "STARTTLS"}
+    message = str(refused.value)
+    assert "cafile=" in message and "secret" not in message
+
+
+@pytest.mark.parametrize("scheme", ["smtp", "smtps"])
+def test_the_same_server_is_accepted_with_cafile_naming_its_ca(
+    tls: tuple[SSLContext, SSLContext], tmp_path: Path, scheme: str
 ) -> None:
     server_context, _ = tls
-    server = CapturingServer(tls_context=server_context, implicit_tls=implicit)
-    mode = "implicit" if implicit else "opportunistic"
-    with server, transport(server, tls=mode) as smtp:
-        with pytest.raises(TransientDeliveryError, match="CERTIFICATE_VERIFY_FAILED"):
+    implicit = scheme == "smtps"  # aiosmtpd offers AUTH under implicit TLS only so
+    server = CapturingServer(
+        tls_context=server_context,
+        implicit_tls=implicit,
+        credentials=("u", "p w"),
+        auth_over_plain_text=implicit,
+    )
+    cafile = tmp_path / "cert.pem"
+    with server, open_transport(
+        f"{scheme}://u:p%20w@{HOST}:{server.port}?cafile={cafile}&timeout=30"
+    ) as smtp:
+        smtp.send(SENDER, PATIENT, MESSAGE)
+        (message,) = server.wait_for(1)
+        assert message.data == MESSAGE and server.logins == ["u"]
+        assert [encrypted for verb, encrypted in server.commands if verb == "AUTH"] == [True]
+
+
+def test_a_certificate_for_another_host_is_refused_even_with_its_ca(
+    tls: tuple[SSLContext, SSLContext], tmp_path: Path
+) -> None:
+    """The hostname is checked too: the certificate names 127.0.0.1, not localhost."""
+    server_context, _ = tls
+    with CapturingServer(tls_context=server_context) as server:
+        url = f"smtp://localhost:{server.port}?cafile={tmp_path / 'cert.pem'}&timeout=30"
+        with open_transport(url) as smtp:
+            with pytest.raises(RelayConfigError, match="does not verify"):
+                smtp.send(SENDER, PATIENT, MESSAGE)
+        assert server.messages == [] and "MAIL" not in server.verbs()
+
+
+def test_tls_required_refuses_a_real_server_without_starttls_before_mail_or_auth() -> None:
+    with CapturingServer(credentials=("u", "secret"), auth_over_plain_text=True) as server:
+        url = f"smtp://u:secret@{HOST}:{server.port}?tls=required&timeout=30"
+        with open_transport(url) as smtp:
+            with pytest.raises(RelayConfigError, match="STARTTLS") as refused:
+                smtp.send(SENDER, PATIENT, MESSAGE)
+        assert server.verbs() == ["EHLO"]  # nothing that carries data: no AUTH, MAIL, RCPT
+    assert "secret" not in str(refused.value)
+
+
+def test_credentials_are_never_sent_to_a_real_server_offering_auth_in_plain_text() -> None:
+    with CapturingServer(credentials=("u", "secret"), auth_over_plain_text=True) as server:
+        with open_transport(f"smtp://u:secret@{HOST}:{server.port}?timeout=30") as smtp:
+            with pytest.raises(RelayConfigError, match="tls=none") as refused:
+                smtp.send(SENDER, PATIENT, MESSAGE)
+        assert "AUTH" not in server.verbs() and "MAIL" not in server.verbs()
+        assert server.logins == [] and server.messages == []
+    assert "secret" not in str(refused.value)
+
+
+def test_tls_none_is_the_explicit_way_to_send_a_password_in_plain_text() -> None:
+    with CapturingServer(credentials=("u", "secret"), auth_over_plain_text=True) as server:
+        with open_transport(f"smtp://u:secret@{HOST}:{server.port}?tls=none&timeout=30") as smtp:
             smtp.send(SENDER, PATIENT, MESSAGE)
+        server.wait_for(1)
+        assert server.logins == ["u"] and ("AUTH", False) in server.commands
+
+
+def test_tls_none_does_not_use_starttls_even_when_offered(
+    tls: tuple[SSLContext, SSLContext],
+) -> None:
+    server_context, _ = tls
+    with CapturingServer(tls_context=server_context) as server:
+        with open_transport(f"smtp://{HOST}:{server.port}?tls=none&timeout=30") as smtp:
+            smtp.send(SENDER, PATIENT, MESSAGE)
+        server.wait_for(1)
+        assert "STARTTLS" not in server.verbs()
+
+
+def test_credentials_for_a_relay_that_offers_no_auth_are_a_configuration_error() -> None:
+    with ScriptedServer(extensions=("PIPELINING",)) as server:
+        smtp = transport(server, username="u", password="p", tls="none")
+        with smtp, pytest.raises(RelayConfigError, match="offers no AUTH"):
+            smtp.send(SENDER, PATIENT, MESSAGE)
+    assert server.verbs() == ["EHLO"]
+
+
+def test_a_tls_handshake_with_a_plain_text_port_is_a_configuration_error() -> None:
+    """smtps:// pointed at a port that speaks plain SMTP: not a network blip."""
+    with CapturingServer() as server:
+        with open_transport(f"smtps://{HOST}:{server.port}?timeout=30") as smtp:
+            with pytest.raises(RelayConfigError, match="smtps://"):
+                smtp.send(SENDER, PATIENT, MESSAGE)
         assert server.messages == []
 
 
-def test_a_wrong_password_is_transient_and_names_the_setting(
+def test_a_wrong_password_is_a_configuration_error_naming_the_setting(
     tls: tuple[SSLContext, SSLContext],
 ) -> None:
     server_context, client_context = tls
     with CapturingServer(tls_context=server_context, credentials=("u", "right")) as server:
         with transport(server, username="u", password="wrong", ssl_context=client_context) as s:
-            with pytest.raises(TransientDeliveryError, match="DRIP_MAIL_URL") as failure:
+            with pytest.raises(RelayConfigError, match="DRIP_MAIL_URL") as failure:
                 s.send(SENDER, PATIENT, MESSAGE)
     assert "wrong" not in str(failure.value)
 
@@ -775,6 +895,10 @@ def test_open_transport_reads_absolute_and_relative_file_urls() -> None:
         ("smtp://mail.example?tls=sometimes", "tls="),
         ("smtp://mail.example?timeout=soon", "timeout="),
         ("smtp://mail.example?verify=no", "unknown option"),
+        ("smtp://mail.example?tls=off", "tls=none"),
+        ("smtps://mail.example?tls=none", "smtps://"),
+        ("smtp://mail.example?tls=none&cafile=/etc/hosts", "tls=none"),
+        ("smtp://mail.example?cafile=/no/such/ca.pem", "not a file"),
         ("file://", "no folder"),
     ],
 )
@@ -782,6 +906,25 @@ def test_open_transport_refuses_a_bad_url_naming_the_variable(url: str, says: st
     with pytest.raises(ConfigError, match="DRIP_MAIL_URL") as failure:
         open_transport(url)
     assert says in str(failure.value)
+
+
+def test_a_cafile_that_is_no_certificate_is_refused_at_start_up(tmp_path: Path) -> None:
+    junk = tmp_path / "ca.pem"
+    junk.write_text("not a certificate\n")
+    with pytest.raises(ConfigError) as refused:
+        open_transport(f"smtp://u:hunter2@mail.example?cafile={junk}")
+    message = str(refused.value)
+    assert "DRIP_MAIL_URL" in message and "cafile=" in message and "PEM" in message
+    assert "hunter2" not in message
+
+
+def test_open_transport_reads_tls_none_and_a_cafile(
+    tls: tuple[SSLContext, SSLContext], tmp_path: Path
+) -> None:
+    plain = open_transport("smtp://u:p@relay.internal?tls=none")
+    assert isinstance(plain, SMTPTransport) and plain.tls == "none"
+    pinned = open_transport(f"smtps://relay.internal?cafile={tmp_path / 'cert.pem'}")
+    assert isinstance(pinned, SMTPTransport) and pinned._ssl_context is not None
 
 
 def test_a_bad_url_error_never_shows_the_password() -> None:

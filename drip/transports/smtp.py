@@ -28,16 +28,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from email.utils import getaddresses
 from functools import cache
 from typing import Literal
 
-from drip.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
+from drip.errors import DeliveryError, PermanentDeliveryError
 from drip.transports import errors
 from drip.transports.base import _Closing
 
 log = logging.getLogger("drip.transports")
 
-TlsMode = Literal["opportunistic", "required", "implicit"]
+TlsMode = Literal["opportunistic", "required", "implicit", "none"]
 
 DEFAULT_TIMEOUT = 30.0  # seconds any one network wait may take, unless DRIP_MAIL_URL says
 IDLE_SECONDS = 30.0  # a connection idle longer than this is checked with NOOP before reuse
@@ -47,6 +48,7 @@ _ANY_EOL = re.compile(rb"\r\n|\n|\r")
 # no comments, no display name): written as <address> without email.utils.parseaddr's cost.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+"
 _PLAIN_ADDRESS = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@{_ATEXT}(?:\.{_ATEXT})*")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # C0, C1 (NEL), line separators
 
 
 @cache
@@ -59,8 +61,12 @@ class SMTPTransport(_Closing):
     """Sends over one SMTP connection, opened on the first send and reused until it fails.
 
     tls: "opportunistic" uses STARTTLS whenever the server offers it, "required" refuses to go on
-    without it, "implicit" is TLS from the first byte (smtps, port 465). Certificates are always
-    verified. Credentials are only ever sent over an encrypted connection.
+    without it (before any command that carries data: no MAIL, no AUTH), "implicit" is TLS from
+    the first byte (smtps, port 465), "none" never uses TLS. Certificates are always verified,
+    with the hostname: against the system's store, or `ssl_context` (DRIP_MAIL_URL's ?cafile=).
+    Credentials are only ever sent over an encrypted connection, unless tls="none" says
+    otherwise explicitly. Every such problem is a RelayConfigError (drip.transports.errors).
+    Each message has exactly one envelope recipient: one RCPT, one address.
 
     timeout: the seconds any one network wait may take (connecting, the TLS handshake, writing the
     commands or the body, each wait for a reply's bytes), not a whole send, which waits several
@@ -102,6 +108,7 @@ class SMTPTransport(_Closing):
         before_content: Callable[[], None] | None = None,
         while_waiting: Callable[[], None] | None = None,
     ) -> None:
+        _check_envelope(envelope_from, recipient)
         payload = _data_payload(message)
         with self._lock:
             try:
@@ -410,7 +417,7 @@ class SMTPTransport(_Closing):
         try:
             yield
         except (OSError, ValueError) as e:  # sockets, timeouts, TLS, smtplib, non-ASCII login
-            raise errors.setup_failed(self._where, e) from e
+            raise errors.setup_failed(self._where, e) from e  # a TLS failure: RelayConfigError
 
     def _client(self) -> smtplib.SMTP:
         """Connected, greeted (smtplib raises SMTPConnectError unless the greeting is 220).
@@ -431,30 +438,26 @@ class SMTPTransport(_Closing):
         self._login(smtp, encrypted)
 
     def _secure(self, smtp: smtplib.SMTP) -> bool:
-        """STARTTLS when offered; True when the connection is encrypted."""
+        """STARTTLS when offered (never under tls=none); True when the connection is encrypted.
+        Under tls=required a relay without it is refused here, after EHLO and before anything
+        that carries data."""
         if self.tls == "implicit":
             return True
-        if smtp.has_extn("starttls"):
+        if self.tls != "none" and smtp.has_extn("starttls"):
             smtp.starttls(context=self._context())
             smtp.ehlo_or_helo_if_needed()
             return True
         if self.tls == "required":
-            # A configuration problem, raised as transient so the mail waits for the fix.
-            raise TransientDeliveryError(
-                f"{self._where} does not offer STARTTLS and DRIP_MAIL_URL has tls=required; "
-                "nothing was sent. Use a server that offers STARTTLS, or smtps:// for implicit TLS"
-            )
+            raise errors.no_starttls(self._where)
         return False
 
     def _login(self, smtp: smtplib.SMTP, encrypted: bool) -> None:
         if self._username is None:
             return
-        if not encrypted:
-            raise TransientDeliveryError(
-                f"refusing to send the DRIP_MAIL_URL password to {self._where} unencrypted: it "
-                "does not offer STARTTLS. Use smtps:// (implicit TLS, port 465) or a server that "
-                "offers STARTTLS (usually port 587)"
-            )
+        if not encrypted and self.tls != "none":
+            raise errors.password_unencrypted(self._where)
+        if not smtp.has_extn("auth"):
+            raise errors.no_auth(self._where)
         try:
             smtp.login(self._username, self._password)
         except smtplib.SMTPAuthenticationError as e:
@@ -489,6 +492,17 @@ class _Once:
 
 class _StaleConnection(Exception):
     """Raised inside SMTPTransport when a reused connection turned out to be dead at MAIL."""
+
+
+def _check_envelope(sender: str, recipient: str) -> None:
+    """Refuse, before anything is written, an envelope address that is not one address: a
+    line break in one would write a second command (a second RCPT), a list would name a
+    second recipient. drip checks every address long before; this is the last line."""
+    for which, address in (("envelope sender", sender), ("recipient", recipient)):
+        if _CONTROL.search(address):
+            raise errors.bad_envelope(which, "contains a line break or another control character")
+        if not _PLAIN_ADDRESS.fullmatch(address) and len(getaddresses([address])) != 1:
+            raise errors.bad_envelope(which, "holds more than one address")
 
 
 def _envelope_address(address: str) -> str:

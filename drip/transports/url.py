@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
@@ -15,7 +16,9 @@ def open_transport(url: str, *, timeout: float = DEFAULT_TIMEOUT) -> Transport:
     """The transport DRIP_MAIL_URL names; nothing is connected until the first send.
 
     smtp://[user:pass@]host[:25][?tls=required][&timeout=30]   STARTTLS whenever offered
+    smtp://host[:25]?tls=none                                  never TLS (a relay on this host)
     smtps://[user:pass@]host[:465][?timeout=30]                implicit TLS
+    &cafile=/path/ca.pem                                       verify against a private CA
     file:///abs/dir  or  file://relative/dir                   one .eml file per message
     """
     parts = urlsplit(url.strip())
@@ -41,14 +44,8 @@ def mail_timeout(url: str) -> float | None:
 
 
 def _smtp_from_url(parts: SplitResult, scheme: str, timeout: float) -> SMTPTransport:
-    options = _options(parts, allowed=("tls", "timeout"))
-    tls: TlsMode = "implicit" if scheme == "smtps" else "opportunistic"
-    if options.get("tls", "opportunistic") not in ("opportunistic", "required"):
-        raise ConfigError(
-            f"DRIP_MAIL_URL has tls={options['tls']!r}; use tls=required or leave it out"
-        )
-    if options.get("tls") == "required" and scheme == "smtp":
-        tls = "required"
+    options = _options(parts, allowed=("tls", "timeout", "cafile"))
+    tls = _tls_mode(scheme, options.get("tls"))
     if not parts.hostname:
         raise ConfigError(
             "DRIP_MAIL_URL has no host; set it like smtp://user:pass@mail.example:587"
@@ -59,6 +56,13 @@ def _smtp_from_url(parts: SplitResult, scheme: str, timeout: float) -> SMTPTrans
         raise ConfigError(
             "DRIP_MAIL_URL has a bad port; set it like smtp://mail.example:587"
         ) from None
+    context = None
+    if "cafile" in options:
+        if tls == "none":
+            raise ConfigError(
+                "DRIP_MAIL_URL has cafile= and tls=none, which never uses TLS; drop one of them"
+            )
+        context = _private_ca(options["cafile"])
     return SMTPTransport(
         parts.hostname,
         port or (465 if scheme == "smtps" else 25),
@@ -66,7 +70,51 @@ def _smtp_from_url(parts: SplitResult, scheme: str, timeout: float) -> SMTPTrans
         password=unquote(parts.password or ""),
         tls=tls,
         timeout=_timeout(options["timeout"]) if "timeout" in options else timeout,
+        ssl_context=context,
     )
+
+
+def _tls_mode(scheme: str, option: str | None) -> TlsMode:
+    """smtps:// is TLS from the first byte; smtp:// uses STARTTLS when offered, insists on it
+    with tls=required, and never uses it with tls=none (the one way to let a password go
+    unencrypted, for a relay on this host or a network one trusts)."""
+    if scheme == "smtps":
+        if option not in (None, "required"):
+            raise ConfigError(
+                f"DRIP_MAIL_URL is smtps:// (TLS from the first byte) with tls={option!r}; "
+                "leave tls= out, or use smtp:// for a relay without TLS"
+            )
+        return "implicit"
+    modes: dict[str | None, TlsMode] = {
+        None: "opportunistic",
+        "opportunistic": "opportunistic",
+        "required": "required",
+        "none": "none",
+    }
+    if option not in modes:
+        raise ConfigError(
+            f"DRIP_MAIL_URL has tls={option!r}; use tls=required (STARTTLS or nothing), "
+            "tls=none (no TLS: only for a relay on this host), or leave it out"
+        )
+    return modes[option]
+
+
+def _private_ca(raw: str) -> ssl.SSLContext:
+    """The context that verifies the relay against the CA certificate(s) in `cafile` instead
+    of the system's store (hostname checked as always), loaded now so a wrong path fails at
+    start-up, not at the first send."""
+    path = Path(raw).expanduser()
+    fix = "set ?cafile= to a PEM file holding the CA certificate that signed the relay's own"
+    if not path.is_file():
+        raise ConfigError(f"DRIP_MAIL_URL has cafile={raw!r}, which is not a file; {fix}")
+    try:
+        return ssl.create_default_context(cafile=str(path))
+    except (OSError, ssl.SSLError, ValueError) as e:
+        why = getattr(e, "strerror", None) or getattr(e, "reason", None) or type(e).__name__
+        raise ConfigError(
+            f"DRIP_MAIL_URL has cafile={raw!r}, which holds no certificate ssl can load "
+            f"({why}); {fix}"
+        ) from None
 
 
 def _options(parts: SplitResult, *, allowed: tuple[str, ...]) -> dict[str, str]:

@@ -3,7 +3,8 @@
 CapturingServer   a real aiosmtpd server that accepts everything and keeps what it received;
                   optionally with STARTTLS or implicit TLS (see self_signed_tls) and AUTH; it can
                   be slow (`delay`) or hold every reply back until told (`hold`/`release`), so a
-                  test knows a client is inside a send, whatever the speed of the machine.
+                  test knows a client is inside a send, whatever the speed of the machine; and it
+                  can refuse chosen recipients at RCPT as a real server does (`refuse`).
 ScriptedServer    a tiny hand-written server whose replies are scripted per command, for the
                   failures a real server will not produce on cue (451, 550 5.1.1, 421 at the
                   greeting, a connection dropped right after the message body...).
@@ -113,6 +114,7 @@ class CapturingServer(_Threaded):
         self.commands: list[tuple[str, bool]] = []
         self.delay = delay  # seconds before the reply to each message: a slow server
         self.held: list[Held] = []  # every message held back so far (see hold)
+        self.refused: dict[str, str] = {}  # recipient (lower case) -> the reply to its RCPT
         self._released = threading.Event()
         self._released.set()
         self.connections = 0
@@ -152,6 +154,11 @@ class CapturingServer(_Threaded):
     def release(self) -> None:
         """Answer the messages held back (250, as usual) and stop holding."""
         self._released.set()
+
+    def refuse(self, recipient: str, reply: str) -> None:
+        """From now on answer RCPT TO:<recipient> with `reply`, e.g. Postfix's "550 5.1.1
+        <a@b.example>: Recipient address rejected: User unknown in virtual mailbox table"."""
+        self.refused[recipient.lower()] = reply
 
     def wait_held(self, n: int = 1, timeout: float = 60.0) -> list[Held]:
         """Wait until at least n messages are held back; return them (AssertionError on timeout)."""
@@ -207,6 +214,20 @@ class _Collector:
 
     def __init__(self, owner: CapturingServer) -> None:
         self.owner = owner
+
+    async def handle_RCPT(
+        self,
+        server: AioSMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        refusal = self.owner.refused.get(address.lower())
+        if refusal is not None:
+            return refusal
+        envelope.rcpt_tos.append(address)  # what aiosmtpd does when no handler takes RCPT
+        return "250 OK"
 
     async def handle_DATA(self, server: AioSMTP, session: Session, envelope: Envelope) -> str:
         owner = self.owner

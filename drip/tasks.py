@@ -4,7 +4,9 @@
 - `drip.send_batch` (sent by the tick): Sender.send_batch on a list of delivery ids.
 
 Tasks carry delivery ids only, never patient data. Each worker process builds its own engine,
-renderer and SMTP connection on first use (after the fork), and reuses them.
+renderer and SMTP connection on first use (after the fork), and reuses them. With
+`drip worker --metrics-port`, the Sender and the Ticker count into the exporter's recorder
+(drip.metrics), which the pool processes inherit from the main one; else into nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 from celery import Celery, signals
@@ -26,10 +28,14 @@ from drip import db
 from drip.breaker import RedisBreaker, relay_name
 from drip.broker import broker, redis_client
 from drip.errors import DripError
+from drip.recorder import NullRecorder, Recorder
 from drip.sending import Sender
 from drip.settings import Settings
 from drip.ticker import Ticker
 from drip.transports import open_transport
+
+if TYPE_CHECKING:
+    from drip.metrics import WorkerExporter
 
 log = logging.getLogger("drip.tasks")
 SEND_QUEUE = "drip"
@@ -39,8 +45,11 @@ VISIBILITY_TIMEOUT = 3600  # seconds; see configure()
 app = Celery("drip")
 
 
-def configure(settings: Settings, broker_url: str) -> Celery:
-    """Configure the app for one process: broker, serialisation, delivery guarantees, schedule."""
+def configure(
+    settings: Settings, broker_url: str, exporter: WorkerExporter | None = None
+) -> Celery:
+    """Configure the app for one process: broker, serialisation, delivery guarantees, schedule;
+    `exporter`: the worker's metrics (drip worker --metrics-port), which its pool inherits."""
     app.conf.update(
         broker_url=broker_url,
         broker_connection_retry_on_startup=True,
@@ -71,7 +80,7 @@ def configure(settings: Settings, broker_url: str) -> Celery:
         # number of beats may run anywhere.
         beat_scheduler="celery.beat:Scheduler",
     )
-    _configured.update(settings=settings, broker_url=broker_url)
+    _configured.update(settings=settings, broker_url=broker_url, exporter=exporter)
     return app
 
 
@@ -109,6 +118,18 @@ def _check_clock(**_: Any) -> None:
         engine.dispose()
 
 
+@signals.worker_process_init.connect
+def _pool_process_started(**_: Any) -> None:
+    if exporter := _configured.get("exporter"):
+        exporter.in_pool_process()
+
+
+@signals.worker_process_shutdown.connect
+def _pool_process_gone(pid: int, **_: Any) -> None:
+    if exporter := _configured.get("exporter"):
+        exporter.process_gone(pid)
+
+
 @dataclass
 class Runtime:
     """What tasks use in one worker process, made on first use after the fork."""
@@ -134,11 +155,20 @@ class Runtime:
             settings.batch_size * settings.slowest_send_seconds,
             settings.soft_deadline_seconds,
         )
-        return Sender(self.engine, settings, transport, settings.clock(), breaker=breaker)
+        clock = settings.clock()
+        return Sender(
+            self.engine, settings, transport, clock, breaker=breaker, recorder=self.recorder
+        )
 
     @cached_property
     def ticker(self) -> Ticker:
-        return Ticker(self.engine, self.settings, self.settings.clock(), _enqueue, self.queue_depth)
+        clock, depth = self.settings.clock(), self.queue_depth
+        return Ticker(self.engine, self.settings, clock, _enqueue, depth, self.recorder)
+
+    @cached_property
+    def recorder(self) -> Recorder:
+        exporter: WorkerExporter | None = _configured.get("exporter")
+        return exporter.recorder if exporter else NullRecorder()
 
     @cached_property
     def redis(self) -> redis.Redis:

@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:
 
 from drip import db, states  # noqa: E402
 from drip.models import CLAIMED, DELIVERIES, ENROLMENTS, PATIENTS  # noqa: E402
+from drip.patients import new_public_id  # noqa: E402
 from drip.sending import _EmailCommit  # noqa: E402
 
 NOW = datetime(2026, 12, 1, 15, 0, tzinfo=UTC)
@@ -40,6 +41,7 @@ def fill(engine: Engine, n: int) -> list[int]:
     with db.transaction(engine) as session:
         patients = [
             {"email": f"p{i}@example.com", "email_key": f"p{i}@example.com", "first_name": "P",
+             "public_id": new_public_id(),
              "last_name": None, "timezone": "America/New_York", "created_at": NOW}
             for i in range(n)
         ]  # fmt: skip

@@ -3,16 +3,20 @@
 A claim is one conditional UPDATE (built by drip.states): on PostgreSQL the candidate rows are
 picked with `FOR UPDATE SKIP LOCKED`, so any number of tickers claim disjoint sets; on SQLite the
 whole transaction holds the write lock (BEGIN IMMEDIATE), which serialises tickers just as well.
-Only rows of active enrolments are claimed: a paused enrolment's rows simply wait. At most one
+Only rows of active enrolments are claimed: a paused enrolment's rows simply wait; a due row of a
+patient who unsubscribed or whose address is suppressed is skipped with the reason (through
+drip.states), never claimed, whatever let it stay waiting. At most one
 row per patient is in flight at a time (DRIP_MIN_GAP: no burst of emails to one person); the
 worker spaces the next one by the gap when it comes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import ScalarSelect, case, func, literal, or_, select, text
 from sqlalchemy.orm import Session
 
 from drip import states
@@ -27,8 +31,9 @@ from drip.models import (
     RETRY,
     SCHEDULED,
 )
+from drip.suppression import UNSUBSCRIBED
 
-D, E = DELIVERIES.c, ENROLMENTS.c
+D, E, P = DELIVERIES.c, ENROLMENTS.c, PATIENTS.c
 
 
 def claim_due(session: Session, *, now: datetime, limit: int, lease: timedelta) -> list[int]:
@@ -52,6 +57,7 @@ def claim_due(session: Session, *, now: datetime, limit: int, lease: timedelta) 
     session.execute(states.skip_expired(now=now))
     enrolment = select(E.status).where(E.id == D.enrolment_id).scalar_subquery()
     patient = select(E.patient_id).where(E.id == D.enrolment_id).scalar_subquery()
+    stopped = _stopped_reason()
     claimed: list[int] = []
     busy: set[int] = set()
     for state in (RETRY, SCHEDULED):
@@ -59,24 +65,60 @@ def claim_due(session: Session, *, now: datetime, limit: int, lease: timedelta) 
         if wanted <= 0:
             break
         candidates = (
-            select(D.id, patient, D.expires_at)
+            select(D.id, patient, D.expires_at, stopped)
             .where(D.state == state, D.due_at <= now, enrolment == ACTIVE)
             .order_by(D.due_at)
             .limit(wanted)
             .with_for_update(of=DELIVERIES, skip_locked=True)
         )
-        rows = session.execute(candidates).all()
+        rows = _skip_stopped(session, session.execute(candidates).all(), now)
         if not rows:
             continue
         patients = {p for _, p, _ in rows} - busy
         if postgresql:
             _lock_patients(session, patients)
         busy |= _in_flight(session, patients)
-        ids = _one_per_patient([(d, p, x) for d, p, x in rows], busy)
+        ids = _one_per_patient(rows, busy)
         if ids:
             result = session.execute(states.claim(ids, state, now=now, lease=lease))
             claimed.extend(result.scalars())
     return sorted(claimed)
+
+
+def _stopped_reason() -> ScalarSelect[str]:
+    """Per candidate: why its patient gets no more email (`unsubscribed`, `suppressed: …`,
+    the words of drip.suppression.skip_reason), or NULL. Primary-key lookups, like the
+    enrolment's status: the patients' mirror columns, no hashing."""
+    return (
+        select(
+            case(
+                (P.unsubscribed_at.is_not(None), UNSUBSCRIBED),
+                else_=literal("suppressed: ") + func.coalesce(P.suppressed_reason, "address"),
+            )
+        )
+        .select_from(ENROLMENTS)
+        .join(PATIENTS, P.id == E.patient_id)
+        .where(
+            E.id == D.enrolment_id,
+            or_(P.unsubscribed_at.is_not(None), P.suppressed_at.is_not(None)),
+        )
+        .scalar_subquery()
+    )
+
+
+def _skip_stopped(
+    session: Session,
+    rows: Sequence[Any],
+    now: datetime,
+) -> list[tuple[int, int, datetime | None]]:
+    """Skip the candidates whose patient is stopped (one statement per reason); the rest."""
+    by_reason: dict[str, list[int]] = {}
+    for delivery_id, _, _, reason in rows:
+        if reason is not None:
+            by_reason.setdefault(reason, []).append(delivery_id)
+    for reason, ids in by_reason.items():
+        states.skip(session, None, reason, now, ids=ids)
+    return [(d, p, x) for d, p, x, reason in rows if reason is None]
 
 
 def _lock_patients(session: Session, patient_ids: set[int]) -> None:
@@ -106,9 +148,7 @@ def _in_flight(session: Session, patient_ids: set[int]) -> set[int]:
     )
 
 
-def _one_per_patient(
-    rows: list[tuple[int, int, datetime | None]], busy: set[int]
-) -> list[int]:
+def _one_per_patient(rows: list[tuple[int, int, datetime | None]], busy: set[int]) -> list[int]:
     """One row of each patient not already busy (`busy` grows with the patients taken): the
     one whose step expires soonest (a "before your visit" email must not wait behind one that
     can), else the first due."""

@@ -726,6 +726,33 @@ def run(app: App, concurrency: int | None, metrics_port: int | None, metrics_hos
 
 
 @cli.command()
+@click.option("--host", help="Address to listen on (default 127.0.0.1: behind a reverse proxy).")
+@click.option("--port", type=click.IntRange(1, 65535), help="Port (default 8025).")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    help="Worker processes (default: 2 x cores + 1, at most 8).",
+)
+@pass_app
+def serve(app: App, host: str | None, port: int | None, workers: int | None) -> None:
+    """The web server (gunicorn): the unsubscribe page and one-click unsubscribe (RFC 8058),
+    and /healthz. Put it behind a TLS reverse proxy; DRIP_PUBLIC_URL is its https address.
+    Stops cleanly on Ctrl-C or SIGTERM."""
+    from drip import server
+
+    settings = app.settings
+    app.close()  # the server makes its own engine; the workers, their own connections
+    code = server.serve(settings, host=host, port=port, workers=workers, say=_say)
+    if code == INTERRUPTED:
+        click.echo("interrupted", err=True)
+    raise click.exceptions.Exit(code)
+
+
+def _say(line: str) -> None:
+    click.echo(line, err=True)
+
+
+@cli.command()
 @click.option("--state", type=click.Choice(STATES), help="Only deliveries in this state.")
 @click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True)

@@ -135,7 +135,9 @@ class Demo:
 
     def _enrol(self, engine: Engine, settings: Settings, start: datetime) -> None:
         planner = enrolment.Planner(
-            load_campaign(settings.templates_dir, CAMPAIGN), settings.send_window, start,
+            load_campaign(settings.templates_dir, CAMPAIGN),
+            settings.send_window,
+            start,
             settings.min_gap,
         )
         rows = []
@@ -224,7 +226,9 @@ class Demo:
             enrolment_row, patient = waiting
             day = now.astimezone(zone(patient.timezone)).date() + timedelta(days=4)
             planner = enrolment.Planner(
-                load_campaign(settings.templates_dir, CAMPAIGN), settings.send_window, now,
+                load_campaign(settings.templates_dir, CAMPAIGN),
+                settings.send_window,
+                now,
                 settings.min_gap,
             )
             enrolment.reschedule(

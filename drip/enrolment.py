@@ -36,7 +36,7 @@ from drip.models import (
     Enrolment,
     Patient,
 )
-from drip.patients import PatientInput, check_first_session, email_key, zone
+from drip.patients import PatientInput, check_first_session, email_key, new_public_id, zone
 from drip.planning import FirstSession, Plan, SendWindow, plan_steps
 
 CHUNK = 1000
@@ -213,6 +213,7 @@ def _patient_row(p: PatientInput, now: datetime) -> dict[str, Any]:
     return {
         "email": p.email,
         "email_key": p.email_key,
+        "public_id": new_public_id(),
         "first_name": p.first_name,
         "last_name": p.last_name,
         "timezone": p.timezone,

@@ -39,7 +39,7 @@ from drip.addresses import split_from
 from drip.campaigns import Campaign
 from drip.rendering import Rendered, Renderer
 from drip.settings import Settings
-from drip.unsubscribe import unsubscribe_url
+from drip.tokens import unsubscribe_url
 
 CRLF = b"\r\n"
 MAX_HEADER_LINE = 998
@@ -59,13 +59,19 @@ class Recipient:
     first_name: str
     last_name: str
     patient_id: int
+    public_id: str  # what the unsubscribe link names (drip.unsubscribe)
 
 
 SAMPLE_PATIENT = Recipient(
-    email="alex.sample@example.com", first_name="Alex", last_name="Sample", patient_id=0
+    email="alex.sample@example.com",
+    first_name="Alex",
+    last_name="Sample",
+    patient_id=0,
+    public_id="SamplePatientPublicId0",
 )
 """Who previews and the linter write to when no patient is named. Clearly sample data:
-example.com is reserved (RFC 2606); no patient has id 0."""
+example.com is reserved (RFC 2606); no patient has id 0, and none has that public id (theirs
+are random), so the sample's unsubscribe link is well formed and names nobody."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,7 @@ def compose(
 ) -> Composed:
     """Render one step for one patient and build the message exactly as it is sent; a message
     sent again (a retry) passes the Message-ID it had, so a receiving client folds duplicates."""
-    link = unsubscribe_url(settings.public_url, settings.secret_key, recipient.patient_id)
+    link = unsubscribe_url(settings.public_url, settings.secret_key, recipient.public_id)
     rendered = renderer.render(
         campaign,
         step_key,

@@ -93,11 +93,15 @@ class Patient(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     email: Mapped[str] = mapped_column(String(320))
     email_key: Mapped[str] = mapped_column(String(320), unique=True)  # lower-cased, for lookups
+    # Opaque and random (drip.patients.new_public_id): what unsubscribe links name, never the id.
+    public_id: Mapped[str] = mapped_column(String(22), unique=True)
     first_name: Mapped[str] = mapped_column(String(100))
     last_name: Mapped[str | None] = mapped_column(String(100))
     timezone: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     unsubscribed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The mirror of `suppressions` for this patient's address, which claims and the send path
+    # check without hashing: kept by drip.suppression alone (DESIGN §4).
     suppressed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     suppressed_reason: Mapped[str | None] = mapped_column(String(200))
 
@@ -174,8 +178,23 @@ class Event(Base):
     detail: Mapped[str | None] = mapped_column(String(500))
 
 
+class Suppression(Base):
+    """An address that must never get another email, as a keyed hash (drip.suppression): no
+    address is stored, so the list outlives the patient's record."""
+
+    __tablename__ = "suppressions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    address_hash: Mapped[str] = mapped_column(String(64), unique=True)  # hex HMAC-SHA256
+    key_id: Mapped[str] = mapped_column(String(16))  # which DRIP_SECRET_KEY made the hash
+    reason: Mapped[str] = mapped_column(String(200))
+    source: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 # Core tables, for bulk inserts and conditional updates.
 PATIENTS = cast(Table, Patient.__table__)
 ENROLMENTS = cast(Table, Enrolment.__table__)
 DELIVERIES = cast(Table, Delivery.__table__)
 EVENTS = cast(Table, Event.__table__)
+SUPPRESSIONS = cast(Table, Suppression.__table__)

@@ -20,3 +20,4 @@ def shipped(name: str) -> Path:
 
 MIGRATIONS = shipped("migrations")
 TEMPLATES = shipped("templates") / "emails"
+WEB_TEMPLATES = shipped("templates") / "web"  # the pages of `drip serve`, and their CSS

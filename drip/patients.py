@@ -6,7 +6,9 @@ it. `check_patient` runs them all on one record and reports every bad field, not
 
 from __future__ import annotations
 
+import base64
 import re
+import secrets
 import unicodedata
 import zoneinfo
 from collections.abc import Callable
@@ -60,6 +62,13 @@ class PatientInput:
     @property
     def email_key(self) -> str:
         return email_key(self.email)
+
+
+def new_public_id() -> str:
+    """A patient's public id: 128 random bits, unpadded base64url (22 characters). It names the
+    patient in unsubscribe links and says nothing about them (not their row id, not their
+    address); guessing one is hopeless, and a link needs a valid signature besides."""
+    return base64.urlsafe_b64encode(secrets.token_bytes(16)).rstrip(b"=").decode()
 
 
 def email_key(email: str) -> str:

@@ -35,7 +35,9 @@ def recipient(session: Session, email: str | None) -> Recipient:
     if email is None:
         return SAMPLE_PATIENT
     patient = find_patient(session, email)
-    return Recipient(patient.email, patient.first_name, patient.last_name or "", patient.id)
+    return Recipient(
+        patient.email, patient.first_name, patient.last_name or "", patient.id, patient.public_id
+    )
 
 
 def preview(

@@ -211,7 +211,7 @@ def read_template(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise TemplateError(
-            f"{path}: is not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
+            f"{path}: is not UTF-8 text (byte {e.start} is {e.object[e.start : e.start + 1]!r}); "
             "save the file as UTF-8"
         ) from None
 

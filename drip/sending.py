@@ -159,6 +159,7 @@ _LOAD = (
         E.status,
         E.campaign,
         P.id.label("patient_id"),
+        P.public_id,
         P.email,
         P.first_name,
         P.last_name,
@@ -265,7 +266,9 @@ class Sender:
 
     def _build(self, job: Job, campaign: Campaign, row: Loaded, now: datetime) -> None:
         assert self.renderer is not None
-        recipient = Recipient(row.email, row.first_name, row.last_name or "", row.patient_id)
+        recipient = Recipient(
+            row.email, row.first_name, row.last_name or "", row.patient_id, row.public_id
+        )
         composed = compose(
             self.settings,
             self.renderer,

@@ -327,6 +327,28 @@ def of_enrolment(enrolment_id: int) -> ColumnElement[bool]:
     return D.enrolment_id == enrolment_id
 
 
+def of_patient(patient_id: int) -> ColumnElement[bool]:
+    """Every row of every enrolment (any campaign, any status) of one patient."""
+    return D.enrolment_id.in_(select(E.id).where(E.patient_id == patient_id).scalar_subquery())
+
+
+def skip(
+    session: Session,
+    where: ColumnElement[bool] | None,
+    reason: str,
+    now: datetime,
+    *,
+    ids: Sequence[int] | None = None,
+) -> int:
+    """Unsubscribed or suppressed: every row (`where`, and/or by `ids`) not yet on its way is
+    skipped with the reason, including rows a batch has claimed (its send-time check then finds
+    them gone). A row already `sending` is beyond recall and left alone (see `in_flight`)."""
+    statement = move(
+        UNSENT, SKIPPED, ids=ids, where=where, now=now, lease_until=None, last_error=reason
+    )
+    return rowcount(session.execute(statement))
+
+
 def in_flight(session: Session, where: ColumnElement[bool]) -> int:
     """How many of the rows `where` are already `sending`: on their way, beyond recall."""
     return int(session.scalar(select(func.count()).where(where, D.state == SENDING)) or 0)

@@ -1,47 +1,108 @@
-"""Unsubscribe links: signed with DRIP_SECRET_KEY, naming a patient id and nothing personal.
-
-A token is `<patient id>.<signature>`; the signature is an HMAC-SHA256 of the id, so a link
-cannot be forged for another patient, and it never expires (an old email must still work). The
-first DRIP_SECRET_KEY signs; every one of them verifies, so a key can be rotated without breaking
-the links in emails already sent.
+"""Unsubscribing: `unsubscribe` stops every email to the patient an unsubscribe link names, in
+the caller's one transaction. The links themselves (signed tokens naming the patient's random
+public id) are made and read by drip.tokens, re-exported here: `drip serve` needs this module
+alone.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import re
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 
-PURPOSE = b"drip-unsubscribe:"
-# ASCII digits only (str.isdigit also takes "²" and "١٢"), then the unpadded urlsafe base64 of
-# 16 bytes: anything else is not a token drip made.
-TOKEN = re.compile(r"([1-9][0-9]{0,11}|0)\.([A-Za-z0-9_-]{22})")
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from drip import events, suppression
+from drip.db import rowcount
+from drip.models import PATIENTS
+from drip.tokens import make_token, read_token, unsubscribe_url
+
+REASON = suppression.UNSUBSCRIBED
+ACTOR = "patient"
+P = PATIENTS.c
+__all__ = [
+    "Subscriber", "Unsubscribed", "make_token", "read_token", "subscriber", "unsubscribe",
+    "unsubscribe_url",
+]
 
 
-def _signature(secret: str, patient_id: int) -> str:
-    digest = hmac.new(secret.encode(), PURPOSE + str(patient_id).encode(), hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(digest[:16]).rstrip(b"=").decode()
+@dataclass(frozen=True)
+class Unsubscribed:
+    """What one unsubscribe did (ids and counts only: nothing personal). `already`: the patient
+    had unsubscribed before, and nothing changed. `in_flight`: emails already `sending`, beyond
+    recall."""
+
+    patient_id: int
+    already: bool
+    ended_enrolments: int
+    skipped: int
+    in_flight: int
+    campaigns: tuple[str, ...]
 
 
-def make_token(secret: str, patient_id: int) -> str:
-    return f"{patient_id}.{_signature(secret, patient_id)}"
+def unsubscribe(
+    session: Session, *, token: str, keys: Sequence[str], now: datetime, source: str
+) -> Unsubscribed | None:
+    """Stop every email to the patient a token names (None, and nothing changed, when the token
+    is invalid or names no patient): their unsubscribe time, every open enrolment ended, every
+    unsent delivery skipped (claimed ones too: the batch holding them finds them gone), the
+    address on the suppression list, an event. In the caller's transaction.
 
-
-def read_token(secrets: str | Sequence[str], token: str) -> int | None:
-    """The patient id a token was made for by any of `secrets`, or None if it is malformed
-    (whatever the characters) or forged."""
-    match = TOKEN.fullmatch(token)
-    if match is None:
+    Idempotent, and safe when two requests come at once: the conditional UPDATE on
+    `unsubscribed_at IS NULL` lets one of them do the work (PostgreSQL makes the other wait
+    for its row lock, then re-checks and finds it done); the other answers `already`."""
+    public_id = read_token(keys, token)
+    if public_id is None:
         return None
-    patient_id = int(match[1])
-    keys = (secrets,) if isinstance(secrets, str) else secrets
-    for key in keys:
-        if hmac.compare_digest(match[2], _signature(key, patient_id)):
-            return patient_id
-    return None
+    patient = session.execute(select(P.id, P.email).where(P.public_id == public_id)).first()
+    if patient is None:
+        return None
+    marked = session.execute(
+        update(PATIENTS)
+        .where(P.id == patient.id, P.unsubscribed_at.is_(None))
+        .values(unsubscribed_at=now)
+    )
+    if rowcount(marked) == 0:
+        return Unsubscribed(patient.id, True, 0, 0, 0, ())
+    halted = suppression.add(
+        session, keys, patient.email, reason=REASON, source=source, now=now, actor=ACTOR
+    ).halted
+    events.record(
+        session,
+        at=now,
+        actor=ACTOR,
+        kind="patient.unsubscribed",
+        patient_id=patient.id,
+        detail=f"source={source} ended={halted.ended_enrolments} skipped={halted.skipped} "
+        f"in_flight={halted.in_flight}",
+    )
+    return Unsubscribed(
+        patient.id,
+        False,
+        halted.ended_enrolments,
+        halted.skipped,
+        halted.in_flight,
+        halted.campaigns,
+    )
 
 
-def unsubscribe_url(public_url: str, secret: str, patient_id: int) -> str:
-    return f"{public_url.rstrip('/')}/unsubscribe/{make_token(secret, patient_id)}"
+@dataclass(frozen=True)
+class Subscriber:
+    """The patient a link names, as the page that asks before unsubscribing needs them: an id
+    and whether they have already unsubscribed (nothing personal)."""
+
+    patient_id: int
+    unsubscribed: bool
+
+
+def subscriber(session: Session, *, token: str, keys: Sequence[str]) -> Subscriber | None:
+    """The patient a token names, or None when the token is invalid or names no patient. Reads
+    only: link scanners open every link, so showing the page must change nothing."""
+    public_id = read_token(keys, token)
+    if public_id is None:
+        return None
+    row = session.execute(
+        select(P.id, P.unsubscribed_at).where(P.public_id == public_id)
+    ).first()
+    return None if row is None else Subscriber(row.id, row.unsubscribed_at is not None)

@@ -29,7 +29,7 @@ TEST_SECRET = "test-secret-0123456789abcdefghijklmnop"  # DRIP_SECRET_KEY: 32 by
 POSTGRES_ADMIN_URL = os.environ.get(
     "DRIP_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-TABLES = ("events", "deliveries", "enrolments", "patients")
+TABLES = ("events", "deliveries", "enrolments", "patients", "suppressions")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -51,8 +51,10 @@ def renderer() -> Renderer:
     return Renderer(SETTINGS)
 
 
-def patient(first_name: str, last_name: str = "", patient_id: int = 7) -> dict[str, str]:
-    url = unsubscribe_url(SETTINGS.public_url, SETTINGS.secret_key, patient_id)
+def patient(
+    first_name: str, last_name: str = "", public_id: str = "SamplePublicIdNumber07"
+) -> dict[str, str]:
+    url = unsubscribe_url(SETTINGS.public_url, SETTINGS.secret_key, public_id)
     return {"first_name": first_name, "last_name": last_name, "unsubscribe_url": url}
 
 
@@ -238,7 +240,7 @@ def write_emails(folder: Path) -> list[Path]:
     renderer = Renderer(SETTINGS)
     paths = []
     for number, (first_name, last_name) in enumerate(PATIENTS, 1):
-        values = patient(first_name, last_name, patient_id=number)
+        values = patient(first_name, last_name, public_id=f"SamplePublicIdNumber{number:02}")
         for step in campaign.step_keys:
             rendered: Rendered = renderer.render(campaign, step, values)
             message = build_message(

@@ -21,6 +21,7 @@ from drip import db
 from drip.claims import claim_due
 from drip.cli import App, cli
 from drip.clock import Clock
+from drip.messages import SAMPLE_PATIENT
 from drip.models import Delivery, Event, Patient
 from drip.sending import Sender
 from drip.settings import Settings
@@ -79,6 +80,13 @@ def patient_id(engine: Engine, email: str) -> int:
     return found
 
 
+def public_id(engine: Engine, email: str) -> str:
+    with db.transaction(engine) as session:
+        found = session.scalar(select(Patient.public_id).where(Patient.email == email))
+    assert found is not None
+    return found
+
+
 # --- the sample patient -------------------------------------------------------------------------
 
 
@@ -95,7 +103,7 @@ def test_the_text_part_is_for_the_sample_patient_with_a_working_unsubscribe_link
     result = preview(CAMPAIGN, "welcome", "--format", "text")
     assert result.exit_code == 0, result.output
     assert "Alex" in result.stdout
-    link = unsubscribe_url(Settings.public_url, TEST_SECRET, 0)
+    link = unsubscribe_url(Settings.public_url, TEST_SECRET, SAMPLE_PATIENT.public_id)
     assert f"Unsubscribe: {link}" in result.stdout
 
 
@@ -157,7 +165,7 @@ def test_email_renders_for_that_patient_from_the_database(
     result = drip("preview", CAMPAIGN, "welcome", "--email", "ANA@example.com", "--format", "text")
     assert result.exit_code == 0, result.output
     assert "Zoë" in result.stdout and "Alex" not in result.stdout
-    patient = patient_id(engine, "ana@example.com")
+    patient = public_id(engine, "ana@example.com")
     assert unsubscribe_url(Settings.public_url, TEST_SECRET, patient) in result.stdout
 
 

@@ -120,7 +120,12 @@ def make_reader(url: str, *, timeout: float = READ_TIMEOUT_SECONDS) -> Engine:
         raise ConfigError(f"DRIP_DATABASE_URL is not a database URL: {redact(url)!r}") from None
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_reader(parsed.database or "", timeout)
-    options = f"-c default_transaction_read_only=on -c statement_timeout={int(timeout * 1000)}"
+    # jit: the planner prices drip's scalar subqueries pessimistically, and would spend more
+    # compiling a count than running it (see drip.claims)
+    options = (
+        f"-c default_transaction_read_only=on -c statement_timeout={int(timeout * 1000)} "
+        "-c jit=off"
+    )
     connect_args = {"connect_timeout": max(int(timeout), 2), "options": options}
     return make_engine(url, connect_args=connect_args, pool_size=1, max_overflow=4)
 

@@ -43,7 +43,7 @@ from prometheus_client import (
     values,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
-from sqlalchemy import Connection, Engine, bindparam, func, inspect, select, table
+from sqlalchemy import Connection, Engine, bindparam, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from drip.clock import Clock
@@ -53,32 +53,29 @@ from drip.models import (
     DELIVERIES,
     ENROLMENT_STATUSES,
     ENROLMENTS,
-    PATIENTS,
     STATES,
+    SUPPRESSIONS,
     WAITING_STATES,
 )
 from drip.permissions import private_folder
 from drip.recorder import FAILURE_REASONS, check_reason
 
 log = logging.getLogger("drip.metrics")
-D, E, P = DELIVERIES.c, ENROLMENTS.c, PATIENTS.c
-SUPPRESSIONS = "suppressions"
+D, E = DELIVERIES.c, ENROLMENTS.c
 
 # --- the database's figures --------------------------------------------------------------------
 
 # One pass over the (state, due_at) index: the table's rows are not read (see docs/performance.md).
 _BY_STATE = select(D.state, func.count()).group_by(D.state)
 # What a ticker would claim now: waiting, due, and of an active enrolment (a paused patient's
-# overdue emails are not late, they wait on purpose). A range of the same index per state.
-_DUE = (
-    select(func.count(), func.min(D.due_at))
-    .select_from(DELIVERIES)
-    .join(ENROLMENTS, E.id == D.enrolment_id)
-    .where(D.state.in_(WAITING_STATES), D.due_at <= bindparam("now"), E.status == ACTIVE)
+# overdue emails are not late, they wait on purpose). A range of the same index per state, each
+# row's enrolment looked up by primary key: the claim's own shape (see drip.claims.claim_due).
+_ENROLMENT = select(E.status).where(E.id == D.enrolment_id).scalar_subquery()
+_DUE = select(func.count(), func.min(D.due_at)).where(
+    D.state.in_(WAITING_STATES), D.due_at <= bindparam("now"), _ENROLMENT == ACTIVE
 )
 _BY_STATUS = select(E.status, func.count()).group_by(E.status)
-_SUPPRESSIONS = select(func.count()).select_from(table(SUPPRESSIONS))
-_SUPPRESSED_PATIENTS = select(func.count()).where(P.suppressed_at.is_not(None))
+_SUPPRESSED = select(func.count()).select_from(SUPPRESSIONS)
 
 
 @dataclass(frozen=True)
@@ -92,13 +89,12 @@ class Figures:
     suppressed: int
 
 
-def read_figures(connection: Connection, now: datetime, *, suppressions: bool) -> Figures:
-    """The figures, read in `connection`'s transaction. `suppressions`: count the suppression
-    list's table (else, before it exists, the patients marked suppressed)."""
+def read_figures(connection: Connection, now: datetime) -> Figures:
+    """The figures, read in `connection`'s transaction."""
     by_state: dict[str, int] = dict(connection.execute(_BY_STATE).tuples().all())
     count, oldest = connection.execute(_DUE, {"now": now}).one()
     by_status: dict[str, int] = dict(connection.execute(_BY_STATUS).tuples().all())
-    suppressed = connection.scalar(_SUPPRESSIONS if suppressions else _SUPPRESSED_PATIENTS)
+    suppressed = connection.scalar(_SUPPRESSED)
     return Figures(
         deliveries={state: int(by_state.get(state, 0)) for state in STATES},
         due_now=int(count or 0),
@@ -146,7 +142,6 @@ class DatabaseCollector:
 
     def __init__(self, engine: Engine, clock: Clock) -> None:
         self.engine, self.clock = engine, clock
-        self._suppressions = False  # the suppression list's table, once seen (never dropped)
         self._down: str | None = None
         self._lock = threading.Lock()  # gunicorn may run threads: the flags above are shared
 
@@ -163,9 +158,7 @@ class DatabaseCollector:
 
     def read(self) -> Figures:
         with self.engine.connect() as connection, connection.begin():
-            if not self._suppressions:
-                self._suppressions = inspect(connection).has_table(SUPPRESSIONS)
-            return read_figures(connection, self.clock.now(), suppressions=self._suppressions)
+            return read_figures(connection, self.clock.now())
 
     def _went_down(self, error: SQLAlchemyError) -> None:
         reason = _reason(error)

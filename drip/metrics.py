@@ -239,6 +239,8 @@ class PrometheusRecorder:
             "Seconds workers waited for the global send-rate limit (DRIP_RATE_LIMIT).",
             registry=None,
         )
+        # every series, e.g. to register in a registry of one's own (in a single process)
+        self.metrics = (self._sent, failed, self._retried, self._send, self._tick, self._limited)
 
     def sent(self, count: int = 1) -> None:
         if count:

@@ -91,7 +91,7 @@ class Clinic:
 
     @classmethod
     def of(cls, settings: Settings) -> Clinic:
-        number = re.match(r"\s*(\+?\d[\d\s().-]*)", settings.clinic_phone)
+        number = re.match(r"\s*(\+?[\d(][\d\s().-]*)", settings.clinic_phone)
         digits = re.sub(r"\D", "", number[1]) if number else ""
         plus = "+" if number and number[1].startswith("+") else ""
         tel = plus + digits if len(digits) >= 3 else ""
@@ -219,9 +219,7 @@ pages = Blueprint("unsubscribe", __name__)
 def ask(token: str) -> str:
     """The page with the button. Changes nothing."""
     if _has_body():
-        raise BadRequest(
-            "A GET request for this page must not carry a body. Nothing was changed."
-        )
+        raise BadRequest("A GET request for this page must not carry a body. Nothing was changed.")
     with _transaction() as session:
         found = subscriber(session, token=token, keys=web().settings.secret_keys)
     if found is None:
@@ -254,9 +252,10 @@ def confirm(token: str) -> str:
 
 
 def _has_body() -> bool:
-    return bool(request.content_length) or "chunked" in request.headers.get(
-        "Transfer-Encoding", ""
-    ).lower()
+    return (
+        bool(request.content_length)
+        or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    )
 
 
 def _unsubscribe(token: str, source: str) -> Unsubscribed | None:
@@ -474,4 +473,3 @@ def hide_path(environ: dict[str, Any]) -> None:
             decoded = unquote(value)
             if hide_tokens(decoded) != decoded:
                 environ[key] = hide_tokens(decoded.split("?", 1)[0])
-

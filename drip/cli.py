@@ -23,7 +23,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DatabaseError, IntegrityError
 from sqlalchemy.orm import Session
 
-from drip import __version__, csvimport, db, enrolment
+from drip import __version__, csvimport, db, enrolment, suppression
 from drip.broker import broker
 from drip.campaigns import Campaign, load_all, load_campaign
 from drip.deliveries import list_deliveries
@@ -31,7 +31,7 @@ from drip.deliveries import retry as retry_deliveries
 from drip.errors import CsvError, DripError, InputError, RowProblem
 from drip.models import STATES, Enrolment, Patient
 from drip.output import console, echo_json, table
-from drip.patients import check_patient
+from drip.patients import check_email, check_patient, check_reason
 from drip.permissions import private_folder
 from drip.settings import Settings
 from drip.timeline import timeline as build_timeline
@@ -146,9 +146,18 @@ def db_group() -> None:
 @pass_app
 def db_upgrade(app: App) -> None:
     """Create the schema, or bring it up to date (Alembic migrations)."""
+    from drip import suppression
+
     db.upgrade(app.engine)
     current, _ = db.schema_revision(app.engine)
     click.echo(f"database {db.shown_url(app.engine)} is at revision {current} (newest)")
+    with app.transaction() as session:
+        written = suppression.backfill(session, app.settings.secret_keys)
+    if written:
+        click.echo(
+            f"{written} address(es) suppressed before revision 0003 written to the suppression "
+            "list (as keyed hashes)"
+        )
 
 
 # --- enrolling --------------------------------------------------------------------------------
@@ -171,6 +180,12 @@ def db_upgrade(app: App) -> None:
     "--skip-invalid", is_flag=True, help="With --csv: enrol the valid rows, list the rest."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@click.option(
+    "--resubscribe",
+    is_flag=True,
+    help="Enrol a patient who unsubscribed or is suppressed: only with their consent.",
+)
+@click.option("--reason", help="With --resubscribe: why they may be emailed again (recorded).")
 @pass_app
 def enroll(
     app: App,
@@ -183,11 +198,28 @@ def enroll(
     csv_path: Path | None,
     skip_invalid: bool,
     as_json: bool,
+    resubscribe: bool,
+    reason: str | None,
 ) -> None:
-    """Enrol one patient (EMAIL), or every row of a CSV (--csv FILE), in a campaign."""
+    """Enrol one patient (EMAIL), or every row of a CSV (--csv FILE), in a campaign.
+
+    A suppressed address (unsubscribed, bounced, `drip suppress`) is refused; with the
+    patient's consent, --resubscribe --reason "…" lifts the suppression and enrols them."""
+    if resubscribe and reason is None:
+        raise click.UsageError(
+            '--resubscribe needs --reason "…": say how the patient consented, like '
+            '--reason "asked at the front desk on 2026-12-01"'
+        )
+    if reason is not None and not resubscribe:
+        raise click.UsageError("--reason goes with --resubscribe; add it, or drop --reason")
     if csv_path is not None:
         if email or first_name or last_name or timezone or first_session:
             raise click.UsageError("give either EMAIL with its options, or --csv FILE, not both")
+        if resubscribe:
+            raise click.UsageError(
+                "--resubscribe is for one patient at a time (each consented); "
+                "give EMAIL instead of --csv"
+            )
         _enroll_csv(app, csv_path, campaign, skip_invalid, as_json)
         return
     if not email:
@@ -205,13 +237,19 @@ def enroll(
     checked = check_patient(fields, default_timezone=app.settings.clinic_timezone, now=planner.now)
     if isinstance(checked, list):
         raise DripError("cannot enrol:\n" + "\n".join(f"  {e}" for e in checked))
-    counts = enrolment.enrol_retrying(app.transaction, planner, [checked], actor=app.actor)
+    gate = _Gate(app, checked.email, check_reason(reason, "--reason") if reason else None)
+    counts = enrolment.enrol_retrying(
+        app.transaction, planner, [checked], actor=app.actor, first=gate
+    )
+    if gate.reason is not None and gate.lifted is None:
+        _warn("the address was not suppressed; --resubscribe changed nothing")
     if as_json:
         echo_json(
             {
                 "enrolled": counts.enrolled,
                 "already_enrolled": counts.already,
                 "enrolment_ids": counts.enrolment_ids,
+                "resubscribed": gate.lifted is not None,
             }
         )
     elif counts.enrolled:
@@ -223,6 +261,32 @@ def enroll(
         click.echo(f"already enrolled in {campaign}; nothing changed")
 
 
+@dataclass
+class _Gate:
+    """Runs in the enrolment's transaction: refuses a suppressed address, or, with a resubscribe
+    reason, lifts its suppression (recorded with the actor and the reason)."""
+
+    app: App
+    email: str
+    reason: str | None
+    lifted: suppression.Entry | None = None
+
+    def __call__(self, session: Session) -> None:
+        keys, now = self.app.settings.secret_keys, self.app.now()
+        if self.reason is None:
+            suppression.refuse_if_suppressed(session, keys, self.email)
+            return
+        self.lifted = suppression.remove(
+            session,
+            keys,
+            self.email,
+            reason=self.reason,
+            now=now,
+            actor=self.app.actor,
+            kind=suppression.RESUBSCRIBED,
+        )
+
+
 def _enroll_csv(app: App, path: Path, campaign: str, skip_invalid: bool, as_json: bool) -> None:
     try:
         _enroll_csv_file(app, path, campaign, skip_invalid, as_json)
@@ -231,8 +295,18 @@ def _enroll_csv(app: App, path: Path, campaign: str, skip_invalid: bool, as_json
             raise
         # the whole file was refused before any row (no file, a bad header, not UTF-8…):
         # scripts reading --json still get JSON
-        echo_json({"rows": 0, "enrolled": 0, "already_enrolled": 0, "refused": 0,
-                   "problems": [], "error": str(e)})  # fmt: skip
+        echo_json(
+            {
+                "rows": 0,
+                "enrolled": 0,
+                "already_enrolled": 0,
+                "refused": 0,
+                "problems": [],
+                "suppressed": 0,
+                "suppressed_lines": [],
+                "error": str(e),
+            }
+        )
         raise click.exceptions.Exit(1) from None
 
 
@@ -256,6 +330,7 @@ def _enroll_csv_file(
                 default_timezone=app.settings.clinic_timezone,
                 now=planner.now,
                 skip_invalid=skip_invalid,
+                suppressed=_suppressed_in(session, app.settings.secret_keys),
             )
             counts = enrolment.enrol(session, planner, rows, actor=app.actor, progress=advance)
             if report.problems and not skip_invalid:
@@ -271,10 +346,28 @@ def _enroll_csv_file(
         return
     for problem in report.problems:
         click.echo(f"refused {problem}", err=True)
+    for left_out in report.suppressed:
+        click.echo(f"left out {left_out}", err=True)
+    suppressed = f"{len(report.suppressed)} suppressed, " if report.suppressed else ""
     click.echo(
-        f"enrolled {counts.enrolled}, already enrolled {counts.already}, "
+        f"enrolled {counts.enrolled}, already enrolled {counts.already}, {suppressed}"
         f"refused {report.bad_rows} (of {report.rows} rows)"
     )
+    if report.suppressed:
+        click.echo(
+            "suppressed rows were left out (unsubscribed, bounced, or `drip suppress`); "
+            "`drip suppressions --email ADDRESS` says why"
+        )
+
+
+def _suppressed_in(session: Session, keys: tuple[str, ...]) -> csvimport.Suppressed:
+    """The CSV's lookup: which of some email keys are suppressed, and since when, why."""
+
+    def lookup(email_keys: list[str]) -> dict[str, tuple[str, datetime]]:
+        found = suppression.blocked_among(session, keys, email_keys)
+        return {key: (entry.reason, entry.created_at) for key, entry in found.items()}
+
+    return lookup
 
 
 def _csv_summary(
@@ -286,6 +379,8 @@ def _csv_summary(
         "already_enrolled": counts.already,
         "refused": report.bad_rows,
         "problems": [p.__dict__ for p in problems],
+        "suppressed": len(report.suppressed),
+        "suppressed_lines": [s.as_json() for s in report.suppressed],
     }
 
 
@@ -441,6 +536,118 @@ def _on_way(count: int) -> str:
     if count == 1:
         return "; 1 email was already on its way"
     return f"; {count} emails were already on their way"
+
+
+# --- the suppression list -----------------------------------------------------------------------
+
+
+def _address(email: str) -> str:
+    try:
+        return check_email(email)
+    except InputError as e:
+        raise InputError("EMAIL", e.reason) from None
+
+
+@cli.command()
+@click.argument("email")
+@click.option(
+    "--reason", default=suppression.MANUAL, show_default=True, help="Why (recorded, no names)."
+)
+@pass_app
+def suppress(app: App, email: str, reason: str) -> None:
+    """Never email this address again: on the suppression list (as a keyed hash), and if it is
+    a patient's, every enrolment ended and every unsent email skipped."""
+    address, why = _address(email), check_reason(reason, "--reason")
+    with app.transaction() as session:
+        done = suppression.add(
+            session,
+            app.settings.secret_keys,
+            address,
+            reason=why,
+            source=app.actor,
+            now=app.now(),
+            actor=app.actor,
+        )
+    halted = done.halted
+    said = (
+        f"suppressed ({done.entry.hash_prefix})"
+        if done.new
+        else f"already {done.entry.describe()}; nothing changed on the list"
+    )
+    if done.patient_id is not None and (done.new or halted.ended_enrolments or halted.skipped):
+        said += (
+            f"; patient {done.patient_id}: {halted.ended_enrolments} enrolment(s) ended, "
+            f"{halted.skipped} planned email(s) skipped"
+        )
+    click.echo(said + _on_way(halted.in_flight))
+
+
+@cli.command()
+@click.argument("email")
+@click.option("--reason", required=True, help="Why it may be emailed again (recorded).")
+@pass_app
+def unsuppress(app: App, email: str, reason: str) -> None:
+    """Take an address off the suppression list (the patient consented again). It enrols
+    nobody: `drip enroll` next."""
+    address, why = _address(email), check_reason(reason, "--reason")
+    with app.transaction() as session:
+        lifted = suppression.remove(
+            session,
+            app.settings.secret_keys,
+            address,
+            reason=why,
+            now=app.now(),
+            actor=app.actor,
+        )
+    if lifted is None:
+        click.echo("not suppressed; nothing changed")
+        return
+    click.echo(
+        f"no longer suppressed (was {lifted.describe()}); enrol the patient again with "
+        "`drip enroll`"
+    )
+
+
+@cli.command()
+@click.option("--email", help="Say whether this one address is suppressed, and why.")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def suppressions(app: App, email: str | None, limit: int, as_json: bool) -> None:
+    """The suppression list: counts by reason, then the newest entries (a hash prefix, never an
+    address)."""
+    keys = app.settings.secret_keys
+    address = _address(email) if email is not None else None
+    with app.transaction() as session:
+        suppression.backfill(session, keys)
+        if address is not None:
+            _one_suppression(suppression.find(session, keys, address), as_json)
+            return
+        counts = suppression.summary(session)
+        found = suppression.entries(session, limit=limit)
+    total = sum(counts.values())
+    if as_json:
+        echo_json({"total": total, "by_reason": counts, "entries": [e.as_json() for e in found]})
+        return
+    if not total:
+        click.echo("no address is suppressed")
+        return
+    click.echo(f"{total} suppressed: " + ", ".join(f"{n} {r}" for r, n in counts.items()))
+    table(
+        ["hash", "reason", "source", "since (UTC)"],
+        [[e.hash_prefix, e.reason, e.source, f"{e.created_at:%Y-%m-%d %H:%M}"] for e in found],
+    )
+    if total > len(found):
+        click.echo(f"(the newest {len(found)} of {total}; --limit to see more)")
+
+
+def _one_suppression(entry: suppression.Entry | None, as_json: bool) -> None:
+    if as_json:
+        echo_json({"suppressed": entry is not None, "entry": entry and entry.as_json()})
+    elif entry is None:
+        click.echo("not suppressed")
+    else:
+        click.echo(f"{entry.describe()}, source {entry.source}, hash {entry.hash_prefix}")
 
 
 # --- campaigns --------------------------------------------------------------------------------

@@ -12,6 +12,11 @@ refuses the row on its own line; the other rows are still checked. The delimiter
 what an Excel `sep=` first line says, or a semicolon when the header has semicolons and no comma
 (Excel's "CSV" in locales with a decimal comma): a drip header holds column names only, so that
 is never ambiguous.
+
+Rows whose address is suppressed (the patient unsubscribed, a hard bounce, a coordinator's
+`drip suppress`) are not bad rows: they are left out, listed by line with the reason, and counted
+apart (`CsvReport.suppressed`); the rest are enrolled. The caller gives the lookup (`Suppressed`):
+one query per CHUNK rows.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ import csv
 import io
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import IO
 
+from drip.clock import iso
 from drip.errors import CsvError, InputError, RowProblem
 from drip.patients import PatientInput, check_patient
 
@@ -34,6 +40,24 @@ REQUIRED = ("email", "first_name")
 SAVE_AS = 'save it from Excel as "CSV UTF-8 (Comma delimited)"'
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, as surrogateescape keeps it
 _SEP = re.compile(r'"?sep=(.)"?', re.IGNORECASE)  # Excel's first line naming the delimiter
+CHUNK = 500  # rows per suppression lookup
+# The suppressed among some email keys, each with its reason and since when.
+Suppressed = Callable[[list[str]], Mapping[str, tuple[str, datetime]]]
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A row not enrolled because its address is suppressed (not a bad row)."""
+
+    line: int
+    reason: str
+    since: datetime
+
+    def __str__(self) -> str:
+        return f"line {self.line}: suppressed since {self.since:%Y-%m-%d} ({self.reason})"
+
+    def as_json(self) -> dict[str, object]:
+        return {"line": self.line, "reason": self.reason, "since": iso(self.since)}
 
 
 @dataclass
@@ -43,6 +67,7 @@ class CsvReport:
     rows: int = 0
     problems: list[RowProblem] = field(default_factory=list)
     bad_rows: int = 0
+    suppressed: list[LeftOut] = field(default_factory=list)
 
     def refuse(self, problems: list[RowProblem], rows: int = 1) -> None:
         self.bad_rows += rows
@@ -73,10 +98,49 @@ def patients_from_csv(
     default_timezone: str,
     now: datetime,
     skip_invalid: bool,
+    suppressed: Suppressed | None = None,
 ) -> Iterator[PatientInput]:
-    """Yield each valid patient; record every bad row in `report`.
+    """Yield each valid patient whose address is not `suppressed`; record every bad row and
+    every suppressed one in `report`.
 
     After the first bad row nothing more is yielded unless `skip_invalid`."""
+    checked = _checked(stream, report, default_timezone, now)
+    if suppressed is not None:
+        checked = _leave_out(checked, report, suppressed)
+    for _, patient in checked:
+        if skip_invalid or not report.problems:
+            yield patient
+
+
+def _leave_out(
+    checked: Iterable[tuple[int, PatientInput]], report: CsvReport, suppressed: Suppressed
+) -> Iterator[tuple[int, PatientInput]]:
+    """The rows whose address is not suppressed, looked up CHUNK at a time."""
+    chunk: list[tuple[int, PatientInput]] = []
+    for item in checked:
+        chunk.append(item)
+        if len(chunk) == CHUNK:
+            yield from _without_suppressed(chunk, report, suppressed)
+            chunk = []
+    yield from _without_suppressed(chunk, report, suppressed)
+
+
+def _without_suppressed(
+    chunk: list[tuple[int, PatientInput]], report: CsvReport, suppressed: Suppressed
+) -> list[tuple[int, PatientInput]]:
+    if not chunk:
+        return []
+    found = suppressed([patient.email_key for _, patient in chunk])
+    report.suppressed.extend(
+        LeftOut(line, *found[p.email_key]) for line, p in chunk if p.email_key in found
+    )
+    return [(line, p) for line, p in chunk if p.email_key not in found]
+
+
+def _checked(
+    stream: IO[str], report: CsvReport, default_timezone: str, now: datetime
+) -> Iterator[tuple[int, PatientInput]]:
+    """Each valid row's first line and patient; every bad row recorded in `report`."""
     seen: dict[str, int] = {}
     for first, last, fields in _records(_Lines(stream), report):
         report.rows += last - first + 1
@@ -91,8 +155,7 @@ def patients_from_csv(
         if first_line != first:
             report.refuse([RowProblem(first, "email", f"same address as line {first_line}")])
             continue
-        if skip_invalid or not report.problems:
-            yield result
+        yield first, result
 
 
 class _Lines:

@@ -100,20 +100,35 @@ def enrol_retrying(
     patients: Sequence[PatientInput],
     *,
     actor: str,
+    first: Callable[[Session], None] | None = None,
 ) -> EnrolCounts:
     """`enrol` in a transaction of its own, tried again in a fresh one when another process
     enrolled the same patient at the same moment: both saw no patient (or no open enrolment),
     both inserted, and the later INSERT broke a unique index. The next attempt sees the row the
-    winner committed, so the patient is "already enrolled" rather than an error."""
+    winner committed, so the patient is "already enrolled" rather than an error. `first` runs
+    in each attempt's transaction before enrolling (the suppression check, or a resubscribe):
+    it commits with the enrolment, or not at all."""
     for _ in range(ATTEMPTS - 1):
         try:
             with transaction() as session:
-                return enrol(session, planner, patients, actor=actor)
+                return _enrol_after(session, planner, patients, actor, first)
         except IntegrityError as e:
             if not db.is_unique_violation(e):
                 raise
     with transaction() as session:
-        return enrol(session, planner, patients, actor=actor)
+        return _enrol_after(session, planner, patients, actor, first)
+
+
+def _enrol_after(
+    session: Session,
+    planner: Planner,
+    patients: Sequence[PatientInput],
+    actor: str,
+    first: Callable[[Session], None] | None,
+) -> EnrolCounts:
+    if first is not None:
+        first(session)
+    return enrol(session, planner, patients, actor=actor)
 
 
 def _enrol_chunk(

@@ -4,6 +4,7 @@
     ├── ConfigError           a DRIP_* setting is missing or malformed
     ├── InputError            a value a user typed or uploaded is not acceptable
     │   └── CsvError          one or more rows of an enrolment CSV are not acceptable
+    ├── Suppressed            an address on the suppression list is to be enrolled
     ├── NotFound              a patient, enrolment, campaign or delivery does not exist
     ├── CampaignError         a campaign folder or its campaign.toml is broken
     ├── TemplateError         a template failed to render
@@ -70,6 +71,17 @@ class CsvError(InputError):
                 "or add --skip-invalid to enrol the valid rows only."
             )
         super().__init__("csv", f"{self.headline}:\n{lines}\n{advice}")
+
+
+class Suppressed(DripError):
+    """Raised when an address on the suppression list (or of a patient who unsubscribed) is to
+    be enrolled without --resubscribe."""
+
+    def __init__(self, description: str) -> None:
+        super().__init__(
+            f"cannot enrol: {description}; to enrol again, get the patient's consent and pass "
+            '--resubscribe --reason "…"'
+        )
 
 
 class NotFound(DripError):

@@ -112,6 +112,24 @@ def check_name(raw: str, field: str, *, required: bool) -> str | None:
     return value
 
 
+REASON_MAX = 200
+
+
+def check_reason(raw: str, field: str) -> str:
+    """An operator's reason (for a suppression, a resubscribe): 1-200 printable characters on
+    one line. It goes into the event log, which holds no personal data: say why, not who."""
+    value = unicodedata.normalize("NFC", raw.strip())
+    if not value:
+        raise InputError(field, 'is empty; say why, like --reason "asked by phone 2026-12-01"')
+    if len(value) > REASON_MAX:
+        raise InputError(field, f"is {len(value)} characters long; shorten it to {REASON_MAX}")
+    for i, char in enumerate(value):
+        kind = "a control character" if char == "\t" else _refused_kind(value, i)
+        if kind:
+            raise InputError(field, f"contains {kind}, {_code_point(char)}; remove it")
+    return value
+
+
 def _refused_kind(value: str, i: int) -> str | None:
     """What makes value[i] unfit for a name (see _REFUSED_CATEGORIES), or None."""
     char = value[i]

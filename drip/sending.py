@@ -45,11 +45,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, func, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, select
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
-from drip import events, states
+from drip import events, states, suppression
 from drip.breaker import Breaker, LocalBreaker
 from drip.campaigns import Campaign, load_campaign
 from drip.clock import Clock
@@ -76,7 +76,7 @@ from drip.models import (
     SKIPPED,
     UNKNOWN,
 )
-from drip.patients import zone
+from drip.patients import email_key, zone
 from drip.recorder import PERMANENT, RENDER, STALE, TRANSIENT, NullRecorder, Recorder
 from drip.recorder import UNKNOWN as UNKNOWN_OUTCOME
 from drip.rendering import Renderer
@@ -207,6 +207,7 @@ class Sender:
         self.renderer = self.renderer or Renderer(self.settings)
         self.envelope_from = envelope_from(self.settings.from_address)
         self.lease = self.settings.lease
+        self.keys = self.settings.secret_keys or (self.settings.secret_key,)
 
     def send_batch(self, ids: list[int]) -> BatchReport:
         report = BatchReport()
@@ -231,9 +232,13 @@ class Sender:
         last = dict(
             connection.execute(_LAST_SENT, {"patients": list({r.patient_id for r in rows})}).all()
         )
+        # The list itself, once per batch: the patients' mirror columns are kept with it, but
+        # an address suppressed by any path must never be sent to, whatever the mirror says.
+        listed = suppression.suppressed_among(connection, self.keys, [r.email for r in rows])
         ready: list[Loaded] = []
         for row in rows:
-            hold = self._hold(now, row, last.get(row.patient_id))
+            entry = listed.get(email_key(row.email))
+            hold = self._hold(now, row, last.get(row.patient_id), entry)
             if hold is None:
                 ready.append(row)
                 last[row.patient_id] = now  # the next one of this patient waits for the gap
@@ -243,12 +248,20 @@ class Sender:
             connection.execute(states.renew([r.id for r in ready], now=now, lease=self.lease))
         return ready
 
-    def _hold(self, now: datetime, row: Loaded, last_sent: datetime | None) -> Hold | None:
+    def _hold(
+        self,
+        now: datetime,
+        row: Loaded,
+        last_sent: datetime | None,
+        listed: suppression.Entry | None = None,
+    ) -> Hold | None:
         """Why a claimed row must not go now: (new state, reason, new due time), or None."""
         if row.unsubscribed_at is not None:
-            return SKIPPED, "unsubscribed", None
+            return SKIPPED, suppression.UNSUBSCRIBED, None
         if row.suppressed_at is not None:
-            return SKIPPED, f"suppressed: {row.suppressed_reason or 'address'}", None
+            return SKIPPED, suppression.skip_reason(row.suppressed_reason or "address"), None
+        if listed is not None:
+            return SKIPPED, suppression.skip_reason(listed.reason), None
         if row.status == ENDED:
             return SKIPPED, "enrolment ended", None
         if row.status == PAUSED:
@@ -351,20 +364,15 @@ class Sender:
             delivery_id=job.id,
             detail=outcome.error,
         )
-        if outcome.suppress:
-            connection.execute(
-                update(PATIENTS)
-                .where(P.id == job.patient_id, P.suppressed_at.is_(None))
-                .values(suppressed_at=now, suppressed_reason=f"bounce {outcome.suppress}")
-            )
-            events.record(
+        if outcome.suppress:  # the mailbox does not exist: never again, in any campaign
+            suppression.add(
                 session,
-                at=now,
+                self.keys,
+                job.recipient,
+                reason=f"bounce {outcome.suppress}",
+                source="bounce",
+                now=now,
                 actor=ACTOR,
-                kind="patient.suppressed",
-                patient_id=job.patient_id,
-                delivery_id=job.id,
-                detail=outcome.suppress,
             )
 
     def _give_back(

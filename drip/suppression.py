@@ -30,7 +30,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from drip import events, states
-from drip.db import rowcount
+from drip.clock import iso
+from drip.errors import Suppressed
 from drip.models import ENDED, ENROLMENTS, PATIENTS, SUPPRESSIONS
 from drip.patients import email_key
 
@@ -62,7 +63,7 @@ class Entry:
             "key_id": self.key_id,
             "reason": self.reason,
             "source": self.source,
-            "created_at": self.created_at.isoformat().replace("+00:00", "Z"),
+            "created_at": iso(self.created_at),
         }
 
     def describe(self) -> str:
@@ -112,25 +113,46 @@ _SELECT = select(S.address_hash, S.key_id, S.reason, S.source, S.created_at)
 
 
 def find(session: Session | Connection, keys: Keys, address: str) -> Entry | None:
-    """Why `address` is suppressed, or None. Reads the patient's mirror too, for a patient
-    suppressed before the list held hashes."""
-    found = suppressed_among(session, keys, [address])
-    if found:
-        return next(iter(found.values()))
-    row = session.execute(
-        select(P.suppressed_at, P.suppressed_reason).where(
-            P.email_key == email_key(address), P.suppressed_at.is_not(None)
+    """Why `address` must get no email, or None: its entry in the list, else its patient's own
+    columns (a patient suppressed or unsubscribed before the list held hashes)."""
+    return blocked_among(session, keys, [address]).get(email_key(address))
+
+
+def blocked_among(
+    session: Session | Connection, keys: Keys, addresses: Iterable[str]
+) -> dict[str, Entry]:
+    """`find` for many addresses (a CSV's chunk), by email key: two queries per chunk."""
+    wanted = {email_key(address) for address in addresses}
+    found = suppressed_among(session, keys, wanted)
+    rest = sorted(wanted - set(found))
+    for start in range(0, len(rest), CHUNK):
+        rows = session.execute(
+            select(P.email_key, P.suppressed_at, P.suppressed_reason, P.unsubscribed_at).where(
+                P.email_key.in_(rest[start : start + CHUNK]),
+                or_(P.suppressed_at.is_not(None), P.unsubscribed_at.is_not(None)),
+            )
         )
-    ).first()
-    if row is None:
-        return None
-    return _mirrored(keys, address, row.suppressed_reason or MANUAL, row.suppressed_at)
+        for row in rows:
+            found[row.email_key] = _from_patient(keys, row)
+    return found
 
 
-def _mirrored(keys: Keys, address: str, reason: str, since: datetime) -> Entry:
+def _from_patient(keys: Keys, row: Any) -> Entry:
     """An entry as the list will hold it once back-filled, from a patient's own columns."""
-    return Entry(address_hash(keys, address)[:PREFIX], key_id(_keys(keys)[0]), reason, MIGRATED,
-                 since)  # fmt: skip
+    if row.suppressed_at is None:
+        reason, since = UNSUBSCRIBED, row.unsubscribed_at
+    else:
+        reason, since = row.suppressed_reason or MANUAL, row.suppressed_at
+    prefix = address_hash(keys, row.email_key)[:PREFIX]
+    return Entry(prefix, key_id(_keys(keys)[0]), reason, MIGRATED, since)
+
+
+def refuse_if_suppressed(session: Session, keys: Keys, address: str) -> None:
+    """Enrolment's check: Suppressed (with the date, the reason and the way out) if `address`
+    is on the list or its patient unsubscribed."""
+    entry = find(session, keys, address)
+    if entry is not None:
+        raise Suppressed(entry.describe())
 
 
 def suppressed_among(
@@ -214,8 +236,14 @@ def add(
     patient_id = _patient_id(session, address)
     if new:
         detail = f"{reason} (source {source}, {entry.hash_prefix})"
-        events.record(session, at=now, actor=actor, kind="patient.suppressed",
-                      patient_id=patient_id, detail=detail)  # fmt: skip
+        events.record(
+            session,
+            at=now,
+            actor=actor,
+            kind="patient.suppressed",
+            patient_id=patient_id,
+            detail=detail,
+        )
     if patient_id is None:
         return Stopped(entry, new)
     _mirror(session, patient_id, entry)
@@ -271,9 +299,14 @@ def _insert(
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     statement = (
-        insert(SUPPRESSIONS).values(values).on_conflict_do_nothing(index_elements=[S.address_hash])
+        insert(SUPPRESSIONS)
+        .values(values)
+        .on_conflict_do_nothing(index_elements=[S.address_hash])
+        .returning(S.id)
     )
-    return rowcount(session.execute(statement)) == 1
+    # the new row's id, or none when a concurrent add won (rowcount says -1 on PostgreSQL when
+    # a Session runs an INSERT … RETURNING)
+    return session.execute(statement).scalar() is not None
 
 
 def _mirror(session: Session, patient_id: int, entry: Entry) -> None:
@@ -284,15 +317,26 @@ def _mirror(session: Session, patient_id: int, entry: Entry) -> None:
     )
 
 
+UNSUPPRESSED = "patient.unsuppressed"
+RESUBSCRIBED = "patient.resubscribed"
+
+
 def remove(
-    session: Session, keys: Keys, address: str, *, reason: str, now: datetime, actor: str
+    session: Session,
+    keys: Keys,
+    address: str,
+    *,
+    reason: str,
+    now: datetime,
+    actor: str,
+    kind: str = UNSUPPRESSED,
 ) -> Entry | None:
     """Lift the suppression of `address` (the entry that was lifted, or None if there was
-    none), clear the patient's mirror and their unsubscribe, and record `patient.unsuppressed`
-    with the actor and the reason (a person's decision: the patient consented again)."""
-    entry = find(session, keys, address)
-    unsubscribed = _patient_unsubscribed(session, address)
-    if entry is None and unsubscribed is None:
+    none): its entry under every key, the patient's mirror and their unsubscribe; record `kind`
+    (`patient.unsuppressed`, or `patient.resubscribed` from `drip enroll --resubscribe`) with
+    the actor and the reason (a person's decision: the patient consented again)."""
+    entry = find(session, keys, address)  # the list's entry, or the patient's own columns
+    if entry is None:
         return None
     session.execute(delete(SUPPRESSIONS).where(S.address_hash.in_(address_hashes(keys, address))))
     session.execute(
@@ -304,13 +348,10 @@ def remove(
         session,
         at=now,
         actor=actor,
-        kind="patient.unsuppressed",
+        kind=kind,
         patient_id=_patient_id(session, address),
-        detail=reason,
+        detail=f"{reason} (was {entry.reason})",
     )
-    if entry is None:  # unsubscribed before the list existed, with no mirror either
-        assert unsubscribed is not None
-        entry = _mirrored(keys, address, UNSUBSCRIBED, unsubscribed)
     return entry
 
 
@@ -342,7 +383,3 @@ def backfill(session: Session, keys: Keys) -> int:
 
 def _patient_id(session: Session | Connection, address: str) -> int | None:
     return session.scalar(select(P.id).where(P.email_key == email_key(address)))
-
-
-def _patient_unsubscribed(session: Session | Connection, address: str) -> datetime | None:
-    return session.scalar(select(P.unsubscribed_at).where(P.email_key == email_key(address)))

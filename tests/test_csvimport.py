@@ -53,6 +53,8 @@ def test_a_good_csv_enrols_everyone_and_sums_up(drip: Drip, engine: Engine, tmp_
         "already_enrolled": 3,
         "refused": 0,
         "problems": [],
+        "suppressed": 0,
+        "suppressed_lines": [],
     }
 
 

@@ -72,7 +72,12 @@ def test_enrolling_again_is_a_no_op_that_says_so(drip: Drip, engine: Engine) -> 
     again = ok(drip("enroll", "ANA@Example.com", *CAMPAIGN, "--first-name", "Ana"))
     assert "already enrolled" in again.stdout
     as_json = json.loads(ok(drip(*ANA, "--json")).stdout)
-    assert as_json == {"enrolled": 0, "already_enrolled": 1, "enrolment_ids": []}
+    assert as_json == {
+        "enrolled": 0,
+        "already_enrolled": 1,
+        "enrolment_ids": [],
+        "resubscribed": False,
+    }
     with engine.connect() as c:
         assert c.scalar(select(func.count()).select_from(Patient)) == 1
         assert c.scalar(select(func.count()).select_from(Enrolment)) == 1

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import re
+from datetime import datetime
+
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine, inspect, text
 
 from drip import db
 from drip.models import Base
+
+NOW = datetime(2026, 11, 30, 12, 0)  # naive UTC, as the database holds it
 
 
 def diff(engine: Engine) -> list[object]:
@@ -39,5 +44,44 @@ def test_downgrade_removes_everything_and_upgrade_restores_it(engine: Engine) ->
 
 
 def test_upgrade_twice_is_harmless(engine: Engine) -> None:
+    db.upgrade(engine)
+    assert diff(engine) == []
+
+
+def test_0003_gives_every_existing_patient_a_public_id_and_goes_down_again(
+    engine: Engine,
+) -> None:
+    with engine.begin() as conn:
+        command.downgrade(db.alembic_config(conn), "0002")
+    assert "public_id" not in {c["name"] for c in inspect(engine).get_columns("patients")}
+    with engine.begin() as conn:  # patients as revision 0002 holds them, one suppressed
+        for i in range(3):
+            conn.execute(
+                text(
+                    "INSERT INTO patients (email, email_key, first_name, timezone, created_at, "
+                    "suppressed_at, suppressed_reason) VALUES (:e, :e, 'P', 'UTC', :now, :s, :r)"
+                ),
+                {"e": f"p{i}@example.com", "now": NOW, "s": NOW if i == 0 else None,
+                 "r": "bounce 5.1.1" if i == 0 else None},
+            )  # fmt: skip
+    db.upgrade(engine)
+    assert diff(engine) == []
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT public_id, suppressed_reason FROM patients ORDER BY id")
+        ).all()
+    public_ids = [public_id for public_id, _ in rows]
+    assert len(set(public_ids)) == 3 and all(re.fullmatch(r"[\w-]{22}", p) for p in public_ids)
+    assert rows[0][1] == "bounce 5.1.1"  # the mirror stays; the hash comes with the key
+    with engine.begin() as conn:
+        command.downgrade(db.alembic_config(conn), "0002")
+    assert "suppressions" not in inspect(engine).get_table_names()
+    with engine.connect() as conn:
+        assert conn.execute(
+            text("SELECT count(*), max(suppressed_reason) FROM patients")
+        ).one() == (
+            3,
+            "bounce 5.1.1",
+        )
     db.upgrade(engine)
     assert diff(engine) == []

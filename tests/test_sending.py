@@ -20,7 +20,7 @@ import pytest
 from click.testing import Result
 from sqlalchemy import Engine, select, update
 
-from drip import db
+from drip import db, suppression
 from drip.claims import claim_due
 from drip.clock import Clock
 from drip.errors import TransientDeliveryError
@@ -198,12 +198,17 @@ def test_550_511_fails_the_row_and_suppresses_the_address(
         kinds = list(c.scalars(select(Event.kind)))
     assert near(patient.suppressed_at, NOW) and "5.1.1" in patient.suppressed_reason
     assert "patient.suppressed" in kinds and "delivery.failed" in kinds
-    # the patient's next email is skipped, not sent
-    later = NOW + timedelta(days=1, hours=1)
-    ids = claim(engine, later)
-    transport = MemoryTransport()
-    assert sender(engine, settings, transport, later).send_batch(ids).skipped == len(ids) > 0
-    assert transport.messages == []
+    # on the list, and every other email of the patient is skipped at once, in every campaign
+    with db.transaction(engine) as session:
+        entry = suppression.find_entry(session, settings.secret_keys, "ANA@example.com")
+        enrolment = session.scalars(select(Enrolment)).one()
+    assert entry is not None and (entry.reason, entry.source) == ("bounce 5.1.1", "bounce")
+    assert (enrolment.status, enrolment.ended_reason) == ("ended", "suppressed")
+    others = [row for i, row in rows(engine).items() if i != delivery_id]
+    assert others and {(r.state, r.last_error) for r in others} == {
+        ("skipped", "suppressed: bounce 5.1.1")
+    }
+    assert claim(engine, NOW + timedelta(days=30)) == []
 
 
 def test_a_5xx_that_is_not_about_the_mailbox_fails_without_suppressing(

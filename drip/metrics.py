@@ -43,7 +43,7 @@ from prometheus_client import (
     values,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
-from sqlalchemy import Connection, Engine, bindparam, func, select
+from sqlalchemy import Connection, Engine, bindparam, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from drip.clock import Clock
@@ -67,6 +67,11 @@ D, E = DELIVERIES.c, ENROLMENTS.c
 
 # One pass over the (state, due_at) index: the table's rows are not read (see docs/performance.md).
 _BY_STATE = select(D.state, func.count()).group_by(D.state)
+# PostgreSQL prices that index-only scan a little above a sequential scan of the whole table
+# (which reads four times the pages, and takes twice as long at a million rows): for this one
+# statement, the index is the only way it may take. SQLite walks the covering index by itself.
+_INDEX_ONLY = text("SET LOCAL enable_seqscan = off")
+_ANY_WAY = text("SET LOCAL enable_seqscan = on")
 # What a ticker would claim now: waiting, due, and of an active enrolment (a paused patient's
 # overdue emails are not late, they wait on purpose). A range of the same index per state, each
 # row's enrolment looked up by primary key: the claim's own shape (see drip.claims.claim_due).
@@ -91,9 +96,14 @@ class Figures:
 
 def read_figures(connection: Connection, now: datetime) -> Figures:
     """The figures, read in `connection`'s transaction."""
-    by_state: dict[str, int] = dict(connection.execute(_BY_STATE).tuples().all())
+    postgresql = connection.dialect.name == "postgresql"
+    if postgresql:
+        connection.execute(_INDEX_ONLY)
+    by_state = {state: int(n) for state, n in connection.execute(_BY_STATE)}
+    if postgresql:
+        connection.execute(_ANY_WAY)
     count, oldest = connection.execute(_DUE, {"now": now}).one()
-    by_status: dict[str, int] = dict(connection.execute(_BY_STATUS).tuples().all())
+    by_status = {status: int(n) for status, n in connection.execute(_BY_STATUS)}
     suppressed = connection.scalar(_SUPPRESSED)
     return Figures(
         deliveries={state: int(by_state.get(state, 0)) for state in STATES},

@@ -109,6 +109,7 @@ class Web:
     css: str
     headers: dict[str, str]
     schema_head: str | None
+    reader: Engine  # read-only, for /metrics (drip.db.make_reader)
     metrics: CollectorRegistry
 
 
@@ -176,6 +177,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config.update(MAX_CONTENT_LENGTH=MAX_BODY, MAX_FORM_MEMORY_SIZE=MAX_BODY)
     app.url_map.merge_slashes = False  # werkzeug would redirect `//x` (a redirect is not one-click)
     css = (WEB_TEMPLATES / "page.css").read_text(encoding="utf-8")
+    reader = db.make_reader(settings.database_url)
     app.extensions["drip"] = Web(
         settings=settings,
         engine=web_engine(settings),
@@ -184,7 +186,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         css=css,
         headers=security_headers(css),
         schema_head=schema_head(),
-        metrics=database_registry(db.make_reader(settings.database_url), settings.clock()),
+        reader=reader,
+        metrics=database_registry(reader, settings.clock()),
     )
     app.register_blueprint(pages)
     app.register_blueprint(health)

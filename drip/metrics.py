@@ -27,7 +27,7 @@ import os
 import shutil
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -302,6 +302,28 @@ class WorkerExporter:
         self.server.server_close()
 
 
+class PoolCollector:
+    """The sum of every process's files in `folder` (prometheus-client's MultiProcessCollector,
+    less a race): a process that counts for the first time creates its file empty and only then
+    sizes it, and a scrape that opened it in between failed whole (mmap of an empty file, a 500).
+    A file still empty holds nothing yet, so it is left for the next scrape."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def collect(self) -> Iterable[Metric]:
+        files = [str(f) for f in sorted(self.folder.glob("*.db")) if _size(f) > 0]
+        merged: Iterable[Metric] = multiprocess.MultiProcessCollector.merge(files)  # type: ignore[no-untyped-call]
+        return merged
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # emptied meanwhile (a worker starting)
+        return 0
+
+
 def metrics_folder(var_dir: Path, port: int) -> Path:
     """Where a worker's processes write their series: one folder per port, and a port is one
     worker's on a machine, so a worker starting never empties a running one's."""
@@ -322,7 +344,7 @@ def start_worker_exporter(var_dir: Path, host: str, port: int) -> WorkerExporter
     # process and its pool processes (which inherit both) create from now on write to `folder`.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
     values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
-    multiprocess.MultiProcessCollector(registry, path=str(folder))  # type: ignore[no-untyped-call]
+    registry.register(PoolCollector(folder))
     return WorkerExporter(folder, (host, port), server, thread)
 
 

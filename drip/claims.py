@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ScalarSelect, case, func, literal, or_, select, text
+from sqlalchemy import or_, select, text
 from sqlalchemy.orm import Session
 
 from drip import states
@@ -31,7 +31,7 @@ from drip.models import (
     RETRY,
     SCHEDULED,
 )
-from drip.suppression import UNSUBSCRIBED
+from drip.suppression import UNSUBSCRIBED, skip_reason
 
 D, E, P = DELIVERIES.c, ENROLMENTS.c, PATIENTS.c
 
@@ -57,7 +57,6 @@ def claim_due(session: Session, *, now: datetime, limit: int, lease: timedelta) 
     session.execute(states.skip_expired(now=now))
     enrolment = select(E.status).where(E.id == D.enrolment_id).scalar_subquery()
     patient = select(E.patient_id).where(E.id == D.enrolment_id).scalar_subquery()
-    stopped = _stopped_reason()
     claimed: list[int] = []
     busy: set[int] = set()
     for state in (RETRY, SCHEDULED):
@@ -65,7 +64,7 @@ def claim_due(session: Session, *, now: datetime, limit: int, lease: timedelta) 
         if wanted <= 0:
             break
         candidates = (
-            select(D.id, patient, D.expires_at, stopped)
+            select(D.id, patient, D.expires_at)
             .where(D.state == state, D.due_at <= now, enrolment == ACTIVE)
             .order_by(D.due_at)
             .limit(wanted)
@@ -85,40 +84,38 @@ def claim_due(session: Session, *, now: datetime, limit: int, lease: timedelta) 
     return sorted(claimed)
 
 
-def _stopped_reason() -> ScalarSelect[str]:
-    """Per candidate: why its patient gets no more email (`unsubscribed`, `suppressed: …`,
-    the words of drip.suppression.skip_reason), or NULL. Primary-key lookups, like the
-    enrolment's status: the patients' mirror columns, no hashing."""
-    return (
-        select(
-            case(
-                (P.unsubscribed_at.is_not(None), UNSUBSCRIBED),
-                else_=literal("suppressed: ") + func.coalesce(P.suppressed_reason, "address"),
-            )
-        )
-        .select_from(ENROLMENTS)
-        .join(PATIENTS, P.id == E.patient_id)
-        .where(
-            E.id == D.enrolment_id,
+def _stopped(session: Session, patient_ids: set[int]) -> dict[int, str]:
+    """The patients among `patient_ids` who get no more email, each with the reason a skipped
+    row gives (`unsubscribed`, `suppressed: …`: the words of drip.suppression.skip_reason).
+    One primary-key lookup of the patients' mirror columns, no hashing."""
+    if not patient_ids:
+        return {}
+    rows = session.execute(
+        select(P.id, P.unsubscribed_at, P.suppressed_reason).where(
+            P.id.in_(sorted(patient_ids)),
             or_(P.unsubscribed_at.is_not(None), P.suppressed_at.is_not(None)),
         )
-        .scalar_subquery()
     )
+    return {
+        row.id: UNSUBSCRIBED
+        if row.unsubscribed_at
+        else skip_reason(row.suppressed_reason or "address")
+        for row in rows
+    }
 
 
 def _skip_stopped(
-    session: Session,
-    rows: Sequence[Any],
-    now: datetime,
+    session: Session, rows: Sequence[Any], now: datetime
 ) -> list[tuple[int, int, datetime | None]]:
     """Skip the candidates whose patient is stopped (one statement per reason); the rest."""
+    stopped = _stopped(session, {patient_id for _, patient_id, _ in rows})
     by_reason: dict[str, list[int]] = {}
-    for delivery_id, _, _, reason in rows:
-        if reason is not None:
-            by_reason.setdefault(reason, []).append(delivery_id)
+    for delivery_id, patient_id, _ in rows:
+        if patient_id in stopped:
+            by_reason.setdefault(stopped[patient_id], []).append(delivery_id)
     for reason, ids in by_reason.items():
         states.skip(session, None, reason, now, ids=ids)
-    return [(d, p, x) for d, p, x, reason in rows if reason is None]
+    return [(d, p, x) for d, p, x in rows if p not in stopped]
 
 
 def _lock_patients(session: Session, patient_ids: set[int]) -> None:

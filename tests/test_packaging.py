@@ -11,6 +11,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+SERVE_CHECK = """
+from drip.web import create_app
+client = create_app().test_client()
+bad = client.get("/unsubscribe/not-a-token")
+assert "This link does not work" in bad.text and "--accent: #2f6f62;" in bad.text, bad.text
+print(client.get("/healthz").status_code, bad.status_code, client.options("/healthz").status_code)
+"""
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
@@ -69,6 +76,10 @@ def test_the_installed_wheel_migrates_enrols_and_previews_outside_the_checkout(
         [drip, "preview", "ketamine-onboarding", "welcome", "--format", "text"], cwd=home, env=env
     )
     assert "Welcome to Lakeside Wellness Clinic" in preview
+    pages = _run(  # drip serve's pages and stylesheet come from the wheel too
+        [str(venv / "bin" / "python"), "-c", SERVE_CHECK], cwd=home, env=env
+    )
+    assert pages.split() == ["200", "404", "200"], pages
     print(
         f"build+venv+install {installed - started:.1f}s, commands "
         f"{time.monotonic() - installed:.1f}s"

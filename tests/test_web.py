@@ -180,6 +180,15 @@ def test_a_second_post_is_a_harmless_no_op(server: Served, patient: str, engine:
     assert snapshot(engine) == after_first
 
 
+def test_a_patient_a_coordinator_suppressed_can_still_press_the_button(
+    server: Served, patient: str, engine: Engine, drip: Callable[..., Result]
+) -> None:
+    assert drip("suppress", "ana@example.com").exit_code == 0
+    done = server.post_form(patient, ONE_CLICK)
+    assert done.status == 200 and "You are unsubscribed" in done.text
+    assert_unsubscribed(engine)
+
+
 def test_two_posts_at_once_both_answer_200_and_unsubscribe_once(
     server: Served, patient: str, engine: Engine
 ) -> None:
@@ -389,7 +398,8 @@ def test_healthz_is_503_with_the_reason_when_the_database_is_unreachable_and_pag
         assert "Traceback" not in health.text and "s3cret" not in health.text
         page_path = f"/unsubscribe/{make_token(TEST_SECRET, 'Q' * 22)}"
         for page in (server.get(page_path), server.post_form(page_path, ONE_CLICK)):
-            assert page.status == 503
+            assert page.status == 503 and page.headers["Retry-After"] == "60"
+            assert all(page.headers[header] == value for header, value in HEADERS.items())
             assert "Please try again in a few minutes" in page.text and PHONE in page.text
             assert "Traceback" not in page.text and "s3cret" not in page.text
     logs = server.logs()

@@ -43,6 +43,7 @@ from drip.timeline import timeline as build_timeline
 
 if TYPE_CHECKING:
     from drip.messages import Recipient
+    from drip.metrics import WorkerExporter
 
 T = TypeVar("T")
 INTERRUPTED = 128 + 2  # a shell's exit code for a process ended by SIGINT
@@ -825,14 +826,50 @@ def _celery_argv(app: App, process: str, loglevel: str) -> list[str]:
     return ["--quiet"] if app.settings.log_format == "json" else []
 
 
+def metrics_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--metrics-port and --metrics-host, for `drip worker` and `drip run`."""
+    command = click.option(
+        "--metrics-host",
+        default=METRICS_HOST,
+        show_default=True,
+        help="Where --metrics-port listens (0.0.0.0: every interface).",
+    )(command)
+    return click.option(
+        "--metrics-port",
+        type=click.IntRange(1, 65535),
+        help="Serve this worker's Prometheus metrics (drip_sent_total…) on this port.",
+    )(command)
+
+
+METRICS_HOST = "127.0.0.1"
+
+
+def _metrics_args(port: int | None, host: str) -> list[str]:
+    if port is None:
+        if host != METRICS_HOST:
+            raise click.UsageError("--metrics-host needs --metrics-port")
+        return []
+    return [f"--metrics-port={port}", f"--metrics-host={host}"]
+
+
 @cli.command()
 @click.option("--concurrency", "-c", type=click.IntRange(1, 64), help="Worker processes.")
 @click.option("--name", help="Node name, unique per machine (default: celery@HOST).")
 @click.option("--loglevel", type=LOG_LEVELS, default="INFO", show_default=True)
+@metrics_options
 @pass_app
-def worker(app: App, concurrency: int | None, name: str | None, loglevel: str) -> None:
+def worker(
+    app: App,
+    concurrency: int | None,
+    name: str | None,
+    loglevel: str,
+    metrics_port: int | None,
+    metrics_host: str,
+) -> None:
     """A Celery worker: sends due emails (task events on, so Flower sees it)."""
     from drip import tasks
+
+    _metrics_args(metrics_port, metrics_host)  # refuses --metrics-host alone
 
     argv = [
         *_celery_argv(app, "worker", loglevel),
@@ -856,7 +893,27 @@ def worker(app: App, concurrency: int | None, name: str | None, loglevel: str) -
         db.require_current_schema(app.engine)
         app.require_clock_in_step()
         app.close()  # the worker's processes make their own connections after the fork
-        tasks.configure(app.settings, url, process="worker").worker_main(argv)
+        exporter = _worker_exporter(app.settings, metrics_host, metrics_port)
+        try:
+            tasks.configure(app.settings, url, exporter, process="worker").worker_main(argv)
+        finally:
+            if exporter is not None:
+                exporter.stop()
+
+
+def _worker_exporter(settings: Settings, host: str, port: int | None) -> WorkerExporter | None:
+    """The worker's metrics server (before the pool is forked), if --metrics-port asks."""
+    if port is None:
+        return None
+    from drip.metrics import start_worker_exporter
+
+    exporter = start_worker_exporter(settings.var_dir, host, port)
+    click.echo(f"metrics: http://{_host_in_url(host)}:{port}/metrics", err=True)
+    return exporter
+
+
+def _host_in_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 @cli.command()
@@ -877,17 +934,24 @@ def beat(app: App, loglevel: str) -> None:
 
 @cli.command()
 @click.option("--concurrency", "-c", type=click.IntRange(1, 64), help="Worker processes.")
+@metrics_options
 @pass_app
-def run(app: App, concurrency: int | None) -> None:
+def run(app: App, concurrency: int | None, metrics_port: int | None, metrics_host: str) -> None:
     """Everything for one machine: the private Redis (unless DRIP_BROKER_URL), a worker and the
-    ticker, supervised. Stops cleanly on Ctrl-C or SIGTERM."""
+    ticker, supervised. Stops cleanly on Ctrl-C or SIGTERM. --metrics-port goes to the worker."""
     from drip.supervisor import Supervisor
 
     logs.configure(app.settings, process="run")
+    worker_args = [f"--concurrency={concurrency}"] if concurrency else []
+    worker_args += _metrics_args(metrics_port, metrics_host)
+    if metrics_port is not None:  # said now, not by a worker that keeps failing to start
+        from drip.metrics import check_listen
+
+        check_listen(metrics_host, metrics_port)
     db.require_current_schema(app.engine)
     app.require_clock_in_step()
     app.close()
-    Supervisor(app.settings).run([f"--concurrency={concurrency}"] if concurrency else [])
+    Supervisor(app.settings).run(worker_args)
 
 
 @cli.command()

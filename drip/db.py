@@ -5,6 +5,9 @@ committed `sending` can roll back at a power loss and the email go out again; th
 docs/performance.md), a busy timeout, and every transaction starts with BEGIN IMMEDIATE:
 a writer takes the lock up front and waits for it (in short steps, see begin_immediate), instead
 of failing half-way through when another process wrote first.
+
+Readers that only look (`make_reader`: the metrics of `drip serve`) take no write lock: on
+SQLite a plain BEGIN, which in WAL mode neither waits for the writers nor holds them up.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import quote
 
 from alembic import command
 from alembic.config import Config
@@ -43,6 +47,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from drip.clock import utcnow
 from drip.errors import ConfigError, DripError
@@ -94,6 +99,56 @@ def _sqlite_engine(database: str | None, url: str, busy_ms: int, **kwargs: Any) 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         begin_immediate(conn.connection.dbapi_connection, busy_ms)
+
+    return engine
+
+
+READ_TIMEOUT_SECONDS = 5
+
+
+def make_reader(url: str, *, timeout: float = READ_TIMEOUT_SECONDS) -> Engine:
+    """An engine that only reads, and answers or fails within about `timeout` seconds (to
+    connect, and per statement), for a scrape that must answer before Prometheus gives up.
+
+    SQLite: each transaction is a plain (deferred) BEGIN, so a reader never takes or waits for
+    the write lock that workers commit under, and `query_only`; the file is opened, never
+    created (a missing database is an error, not a new empty file). PostgreSQL: read-only
+    transactions and a statement timeout, set by the server for the whole session."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"DRIP_DATABASE_URL is not a database URL: {redact(url)!r}") from None
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_reader(parsed.database or "", timeout)
+    # jit: the planner prices drip's scalar subqueries pessimistically, and would spend more
+    # compiling a count than running it (see drip.claims)
+    options = (
+        f"-c default_transaction_read_only=on -c statement_timeout={int(timeout * 1000)} "
+        "-c jit=off"
+    )
+    connect_args = {"connect_timeout": max(int(timeout), 2), "options": options}
+    return make_engine(url, connect_args=connect_args, pool_size=1, max_overflow=4)
+
+
+def _sqlite_reader(database: str, timeout: float) -> Engine:
+    if not database or database == ":memory:" or database.startswith("file:"):
+        raise ConfigError("DRIP_DATABASE_URL: a reader needs a SQLite file, sqlite:///path")
+    uri = f"file:{quote(str(Path(database).resolve()))}?mode=rw"  # rw: open, never create
+
+    def connect() -> sqlite3.Connection:
+        connection = sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=False)
+        connection.isolation_level = None  # transactions are the "begin" event's below
+        connection.execute("PRAGMA query_only=ON")
+        return connection
+
+    # A connection per use: opening a local file costs less than a scrape's queries, and no
+    # idle connection keeps the file (or an old snapshot of its WAL) open between scrapes.
+    engine = create_engine("sqlite+pysqlite://", creator=connect, poolclass=NullPool)
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        raw: Any = conn.connection.dbapi_connection
+        raw.execute("BEGIN")  # deferred: a read snapshot, no lock taken
 
     return engine
 

@@ -81,6 +81,8 @@ from drip.models import (
     UNKNOWN,
 )
 from drip.patients import email_key, zone
+from drip.recorder import PERMANENT, RENDER, STALE, TRANSIENT, NullRecorder, Recorder
+from drip.recorder import UNKNOWN as UNKNOWN_OUTCOME
 from drip.rendering import Renderer
 from drip.settings import Settings
 from drip.transports import Transport
@@ -140,6 +142,7 @@ class Outcome:
     error: str | None = None
     due_at: datetime | None = None
     suppress: str | None = None
+    cause: str | None = None  # a `failed` row's reason for drip.recorder: permanent, transient…
 
 
 D, E, P = DELIVERIES.c, ENROLMENTS.c, PATIENTS.c
@@ -202,6 +205,7 @@ class Sender:
     rng: random.Random = field(default_factory=random.Random)
     breaker: Breaker = field(default_factory=LocalBreaker)
     monotonic: Callable[[], float] = time.monotonic
+    recorder: Recorder = field(default_factory=NullRecorder)
 
     def __post_init__(self) -> None:
         self.renderer = self.renderer or Renderer(self.settings)
@@ -303,7 +307,7 @@ class Sender:
             return self._transient(job, str(error))
         if isinstance(error, PermanentDeliveryError):
             suppress = error.enhanced if error.bad_mailbox else None
-            return Outcome(job, FAILED, str(error), suppress=suppress)
+            return Outcome(job, FAILED, str(error), suppress=suppress, cause=PERMANENT)
         return Outcome(job, UNKNOWN, str(error))
 
     def _transient(self, job: Job, error: str) -> Outcome:
@@ -313,9 +317,8 @@ class Sender:
         first = job.first_tried_at or now
         if now - first >= self.settings.retry_for:
             tried_for = _age(now - first)
-            return Outcome(
-                job, FAILED, f"gave up after {job.attempts} tries over {tried_for}: {error}"
-            )
+            why = f"gave up after {job.attempts} tries over {tried_for}: {error}"
+            return Outcome(job, FAILED, why, cause=TRANSIENT)
         due = now + backoff(job.attempts, self.rng)
         if job.expires_at is not None and due > job.expires_at:
             return Outcome(job, SKIPPED, f"{states.STALE_REASON}; last try: {error}")
@@ -344,6 +347,7 @@ class Sender:
                 _not_recorded(outcome.job.id, outcome.state)
                 continue
             setattr(report, outcome.state, getattr(report, outcome.state) + 1)
+            self._count(outcome.state, outcome.cause)
             if outcome.state != SENT:
                 self._log(connection, outcome, now)
         outcomes.clear()
@@ -409,6 +413,22 @@ class Sender:
             )
             name = "given_back" if state == RETRY else state
             setattr(report, name, getattr(report, name) + moved)
+            self._count(state, TRANSIENT, moved)
+
+    def _count(self, state: str, cause: str | None, count: int = 1) -> None:
+        """Tell the recorder about `count` rows that left `sending` (or were given back after
+        a failing relay) for `state`; `cause`: why a `failed` one failed."""
+        recorder = self.recorder
+        if state == SENT:
+            recorder.sent(count)
+        elif state == RETRY:
+            recorder.retried(count)
+        elif state == FAILED:
+            recorder.failed(cause or TRANSIENT, count)
+        elif state == UNKNOWN:
+            recorder.failed(UNKNOWN_OUTCOME, count)
+        elif state == SKIPPED:
+            recorder.failed(STALE, count)
 
 
 def _age(delta: timedelta) -> str:
@@ -580,6 +600,7 @@ class _Batch:
         if previous is not None and not recorded:
             _not_recorded(previous, SENT)
         report.sent += recorded
+        self.sender.recorder.sent(recorded)
         outcomes.clear()
         job.attempts += 1
         return marked
@@ -588,14 +609,15 @@ class _Batch:
         """Send one message; `mark` commits the row `sending` before any content goes out (and
         raises _NotOurs if the row is no longer ours). A send that fails before the transport
         called it is marked afterwards, so that every outcome is recorded from `sending`."""
-        sender = self.sender
+        sender, builder = self.sender, self.builder
+        started, building = sender.monotonic(), builder.ahead_seconds
         try:
             sender.transport.send(
                 sender.envelope_from,
                 job.recipient,
                 job.message,
                 before_content=mark,
-                while_waiting=self.builder.ahead,
+                while_waiting=builder.ahead,
             )
         except RelayConfigError as e:
             if not mark.done:  # the row is still `claimed`: nothing was tried for it
@@ -603,10 +625,18 @@ class _Batch:
             mark()
             raise _RelayUnusable(e, sender._failure(job, e)) from e
         except DeliveryError as e:
+            self._timed(started, building)
             mark()  # first: _failure reads the attempts that marking counts
             return sender._failure(job, e)
+        self._timed(started, building)
         mark()  # a no-op: the transport called it (a transport that did not is not trusted)
         return Outcome(job, SENT)
+
+    def _timed(self, started: float, building: float) -> None:
+        """Record one send's time, less the time spent building the next message meanwhile."""
+        sender = self.sender
+        spent = sender.monotonic() - started - (self.builder.ahead_seconds - building)
+        sender.recorder.send_seconds(max(spent, 0.0))
 
 
 def _mark_params(job: Job, now: datetime, lease: timedelta) -> dict[str, Any]:
@@ -626,6 +656,7 @@ class _Builder:
         self.built: deque[Job] = deque()
         self.broken: list[tuple[int, str]] = []
         self.campaigns: dict[str, Campaign | DripError] = {}
+        self.ahead_seconds = 0.0  # spent in `ahead`, inside sends: not the relay's time
 
     def next(self) -> Job | None:
         """The next message to send, or None when the batch is done."""
@@ -635,14 +666,17 @@ class _Builder:
     def ahead(self) -> None:
         """Build the next message now (never raises: a row that fails is settled as broken)."""
         if not self.built:
+            started = self.sender.monotonic()
             self._build_one()
+            self.ahead_seconds += self.sender.monotonic() - started
 
     def unsent(self) -> list[Job]:
         return list(self.built) + [_job(row) for row in self.rows]
 
     def settle_broken(self, connection: Connection, report: BatchReport) -> None:
         for delivery_id, reason in self.broken:
-            _settle(connection, delivery_id, self.now, report, FAILED, reason)
+            if _settle(connection, delivery_id, self.now, report, FAILED, reason):
+                self.sender.recorder.failed(RENDER)
         self.broken.clear()
 
     def _build_one(self) -> None:
@@ -811,16 +845,19 @@ def _settle(
     state: str,
     reason: str | None,
     due_at: datetime | None = None,
-) -> None:
-    """Settle one claimed row that will not be sent now (see Sender._hold), and count it."""
+) -> bool:
+    """Settle one claimed row that will not be sent now (see Sender._hold), and count it;
+    False if it was no longer ours."""
     if not states.leave(
         connection, [delivery_id], CLAIMED, state, now=now, error=reason, due_at=due_at
     ):
         report.not_ours += 1
-    elif state == SCHEDULED:
+        return False
+    if state == SCHEDULED:
         report.deferred += 1
     elif state == SKIPPED:
         report.skipped += 1
     else:
         report.failed += 1
         log.warning("delivery %d failed before sending: %s", delivery_id, reason)
+    return True

@@ -189,6 +189,7 @@ def _after_fork(server: Arbiter, worker: Any) -> None:
     (it makes none, but a pooled connection shared by two processes would corrupt both)."""
     app = server.app.wsgi()
     app.extensions["drip"].engine.dispose(close=False)
+    app.extensions["drip"].reader.dispose(close=False)
 
 
 def options(host: str, port: int, workers: int) -> dict[str, Any]:

@@ -4,7 +4,9 @@
 - `drip.send_batch` (sent by the tick): Sender.send_batch on a list of delivery ids.
 
 Tasks carry delivery ids only, never patient data. Each worker process builds its own engine,
-renderer and SMTP connection on first use (after the fork), and reuses them.
+renderer and SMTP connection on first use (after the fork), and reuses them. With
+`drip worker --metrics-port`, the Sender and the Ticker count into the exporter's recorder
+(drip.metrics), which the pool processes inherit from the main one; else into nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 from celery import Celery, signals
@@ -27,10 +29,14 @@ from drip import db, logs
 from drip.breaker import RedisBreaker, relay_name
 from drip.broker import broker, redis_client
 from drip.errors import DripError
+from drip.recorder import NullRecorder, Recorder
 from drip.sending import Sender
 from drip.settings import Settings
 from drip.ticker import Ticker, record_heartbeat
 from drip.transports import open_transport
+
+if TYPE_CHECKING:
+    from drip.metrics import WorkerExporter
 
 log = logging.getLogger("drip.tasks")
 SEND_QUEUE = "drip"
@@ -40,8 +46,15 @@ VISIBILITY_TIMEOUT = 3600  # seconds; see configure()
 app = Celery("drip")
 
 
-def configure(settings: Settings, broker_url: str, *, process: str | None = None) -> Celery:
+def configure(
+    settings: Settings,
+    broker_url: str,
+    exporter: WorkerExporter | None = None,
+    *,
+    process: str | None = None,
+) -> Celery:
     """Configure the app for one process: broker, serialisation, delivery guarantees, schedule.
+    `exporter`: the worker's metrics (drip worker --metrics-port), which its pool inherits;
     `process` (worker or beat) names it in its log lines."""
     app.conf.update(
         broker_url=broker_url,
@@ -73,7 +86,9 @@ def configure(settings: Settings, broker_url: str, *, process: str | None = None
         # number of beats may run anywhere.
         beat_scheduler="celery.beat:Scheduler",
     )
-    _configured.update(settings=settings, broker_url=broker_url, process=process)
+    _configured.update(
+        settings=settings, broker_url=broker_url, exporter=exporter, process=process
+    )
     return app
 
 
@@ -121,6 +136,18 @@ def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
     logs.configure(settings, process=process, level=loglevel or logging.INFO)
 
 
+@signals.worker_process_init.connect
+def _pool_process_started(**_: Any) -> None:
+    if exporter := _configured.get("exporter"):
+        exporter.in_pool_process()
+
+
+@signals.worker_process_shutdown.connect
+def _pool_process_gone(pid: int, **_: Any) -> None:
+    if exporter := _configured.get("exporter"):
+        exporter.process_gone(pid)
+
+
 @dataclass
 class Runtime:
     """What tasks use in one worker process, made on first use after the fork."""
@@ -146,7 +173,10 @@ class Runtime:
             settings.batch_size * settings.slowest_send_seconds,
             settings.soft_deadline_seconds,
         )
-        return Sender(self.engine, settings, transport, settings.clock(), breaker=breaker)
+        clock = settings.clock()
+        return Sender(
+            self.engine, settings, transport, clock, breaker=breaker, recorder=self.recorder
+        )
 
     @cached_property
     def ticker(self) -> Ticker:
@@ -156,8 +186,14 @@ class Runtime:
             self.settings.clock(),
             _enqueue,
             self.queue_depth,
+            self.recorder,
             heartbeat=self.heartbeat,
         )
+
+    @cached_property
+    def recorder(self) -> Recorder:
+        exporter: WorkerExporter | None = _configured.get("exporter")
+        return exporter.recorder if exporter else NullRecorder()
 
     @cached_property
     def redis(self) -> redis.Redis:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -28,6 +29,7 @@ from sqlalchemy import Engine
 from drip.claims import claim_due, expire_leases, release
 from drip.clock import Clock, parse_instant, utcnow
 from drip.db import transaction
+from drip.recorder import UNKNOWN, NullRecorder, Recorder
 from drip.settings import Settings
 
 log = logging.getLogger("drip.ticker")
@@ -65,17 +67,23 @@ class Ticker:
     clock: Clock
     enqueue: Callable[[list[int]], None]
     queue_depth: Callable[[], int] = field(default=lambda: 0)
+    recorder: Recorder = field(default_factory=NullRecorder)
+    monotonic: Callable[[], float] = time.monotonic
     heartbeat: Callable[[], None] = field(default=lambda: None)  # after each tick that ran
     _expired_at: datetime | None = field(default=None, init=False, repr=False)
 
     def tick(self) -> TickReport:
+        started = self.monotonic()
         report = TickReport()
-        self._expire(report)
-        room = min(MAX_QUEUED_BATCHES - self.queue_depth(), MAX_BATCHES_PER_TICK)
-        if room <= 0:
-            report.queue_full = True
-        else:
-            self._claim(room, report)
+        try:
+            self._expire(report)
+            room = min(MAX_QUEUED_BATCHES - self.queue_depth(), MAX_BATCHES_PER_TICK)
+            if room <= 0:
+                report.queue_full = True
+            else:
+                self._claim(room, report)
+        finally:
+            self.recorder.tick_seconds(self.monotonic() - started)
         if report.claimed or report.released or report.unknown:
             log.info("tick: %s", report.as_dict())
         self.heartbeat()
@@ -93,6 +101,8 @@ class Ticker:
                 session, now=now, retry_for=self.settings.retry_for
             )
         self._expired_at = now
+        if report.unknown:  # sends whose lease ran out mid-way: their worker died
+            self.recorder.failed(UNKNOWN, report.unknown)
 
     def _claim(self, batches: int, report: TickReport) -> None:
         """Claim up to `batches` batches in one transaction, then enqueue them one by one."""

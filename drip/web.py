@@ -12,6 +12,8 @@ from the environment) and the tests.
   redirect, no login: the signed token is the whole credential.
 - `GET /healthz`: 200 `ok` when the database answers and its schema is current, else 503 and
   the reason (no stack trace, no URL).
+- `GET /metrics`: the database's figures as Prometheus text (drip.metrics), read at each
+  scrape through a read-only engine; `drip_database_up 0` when the database cannot be read.
 
 Every response carries SECURITY_HEADERS and a Content-Security-Policy that lets a page load
 nothing (its one stylesheet is inline, allowed by its hash). A token is a credential, so no log
@@ -38,6 +40,7 @@ from urllib.parse import quote, unquote
 import psycopg
 from alembic.script import ScriptDirectory
 from flask import Blueprint, Flask, Response, current_app, render_template, request
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -47,6 +50,7 @@ from werkzeug.exceptions import BadRequest, HTTPException, NotFound
 
 from drip import db
 from drip.clock import Clock
+from drip.metrics import database_registry
 from drip.paths import WEB_TEMPLATES
 from drip.settings import Settings
 from drip.unsubscribe import Unsubscribed, subscriber, unsubscribe
@@ -105,6 +109,8 @@ class Web:
     css: str
     headers: dict[str, str]
     schema_head: str | None
+    reader: Engine  # read-only, for /metrics (drip.db.make_reader)
+    metrics: CollectorRegistry
 
 
 def security_headers(css: str) -> dict[str, str]:
@@ -171,6 +177,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config.update(MAX_CONTENT_LENGTH=MAX_BODY, MAX_FORM_MEMORY_SIZE=MAX_BODY)
     app.url_map.merge_slashes = False  # werkzeug would redirect `//x` (a redirect is not one-click)
     css = (WEB_TEMPLATES / "page.css").read_text(encoding="utf-8")
+    reader = db.make_reader(settings.database_url)
     app.extensions["drip"] = Web(
         settings=settings,
         engine=web_engine(settings),
@@ -179,11 +186,14 @@ def create_app(settings: Settings | None = None) -> Flask:
         css=css,
         headers=security_headers(css),
         schema_head=schema_head(),
+        reader=reader,
+        metrics=database_registry(reader, settings.clock()),
     )
     app.register_blueprint(pages)
     app.register_blueprint(health)
-    # Blueprints still to come register here: /metrics (Prometheus, names starting drip_) and
-    # /hooks/ses, /hooks/postmark, /hooks/generic (signed relay notifications), DESIGN §5.
+    app.register_blueprint(metrics)
+    # Blueprints still to come register here: /hooks/ses, /hooks/postmark, /hooks/generic
+    # (signed relay notifications), DESIGN §5.
     app.after_request(_secure)
     app.register_error_handler(HTTPException, _http_problem)
     for error in DATABASE_ERRORS:
@@ -294,6 +304,19 @@ def _unknown_link() -> NotFound:
 def _page(template: str, title: str, **values: Any) -> str:
     state = web()
     return render_template(template, title=title, clinic=state.clinic, css=state.css, **values)
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+metrics = Blueprint("metrics", __name__)
+
+
+@metrics.get("/metrics")
+def prometheus_metrics() -> Response:
+    """The database's figures in Prometheus' text format 0.0.4, always 200 (see drip.metrics:
+    `drip_database_up` says whether the database could be read)."""
+    body = generate_latest(web().metrics)
+    return Response(body, 200, content_type=CONTENT_TYPE_PLAIN_0_0_4)
 
 
 # --- health -----------------------------------------------------------------------------------

@@ -272,7 +272,7 @@ def test_a_tampered_truncated_or_unknown_token_is_404_and_changes_nothing(
 
 
 def test_unknown_paths_are_404_and_other_methods_405(server: Served, patient: str) -> None:
-    for path in ("/", "/unsubscribe", "/unsubscribe/", f"{patient}/", "/metrics", "/favicon.ico"):
+    for path in ("/", "/unsubscribe", "/unsubscribe/", f"{patient}/", "/metrics/", "/favicon.ico"):
         assert server.get(path).status == 404, path
     refused = server.request("PUT", patient, ONE_CLICK)
     assert refused.status == 405 and "GET" in refused.headers["Allow"]

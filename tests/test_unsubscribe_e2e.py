@@ -17,6 +17,8 @@ its own patients' rows and mail.
   process and in no Redis key, value or published message; the search is shown to find what it
   looks for first. On SQLite the processes run with DRIP_LOG_FORMAT=json (ignored by a drip
   that does not know it yet), on PostgreSQL with the default text lines.
+- On PostgreSQL, the database dropping the worker's connection while it looks a bouncing
+  patient up by address leaves no address in the error the worker logs.
 """
 
 from __future__ import annotations
@@ -600,7 +602,6 @@ def test_a_canary_patient_shows_in_no_log_and_no_redis_key_value_or_message(line
     assert bounced.last_error and "550 5.1.1" in bounced.last_error
     assert [p.status for p in canary.pages.values()] == [200, 200, 404]
     worker = line.worker_log()
-    assert "results:     disabled://" in worker  # no result backend: nothing kept but the queue
     beat = "".join(text for name, text in logs.items() if name.startswith("beat"))
     assert "drip.send_batch" in worker and f"delivery {bounced.id} failed" in worker
     assert "drip.tick" in beat

@@ -64,7 +64,10 @@ MAX_CLOCK_SKEW = timedelta(seconds=2)
 
 def make_engine(url: str, *, busy_ms: int = SQLITE_BUSY_MS, **kwargs: Any) -> Engine:
     """An engine for a DRIP_DATABASE_URL; `postgresql://` uses psycopg 3. On SQLite, a writer
-    waits up to `busy_ms` for another process's write lock."""
+    waits up to `busy_ms` for another process's write lock. Its errors show a failed
+    statement without its parameters: they hold patients' addresses (a worker looks a bouncing
+    patient up by address), and Celery logs a failed task's exception, traceback and all."""
+    kwargs.setdefault("hide_parameters", True)
     try:
         parsed = make_url(url)
     except ArgumentError:

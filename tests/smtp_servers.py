@@ -148,7 +148,9 @@ class CapturingServer(_Threaded):
     def hold(self) -> None:
         """From now on, hold each message back once its body has arrived, without replying:
         the client waits inside its send (committed `sending`, outcome unknown) until release().
-        A client that dies meanwhile leaves no message: the server never accepted it."""
+        A client that dies meanwhile leaves no message: the server never accepted it. A
+        recipient to refuse (see refuse) is held at RCPT, before its refusal, likewise (its
+        Held message has no data)."""
         self._released.clear()
 
     def release(self) -> None:
@@ -225,6 +227,7 @@ class _Collector:
     ) -> str:
         refusal = self.owner.refused.get(address.lower())
         if refusal is not None:
+            await self._held_back(Captured(envelope.mail_from or "", (address,), b""), session)
             return refusal
         envelope.rcpt_tos.append(address)  # what aiosmtpd does when no handler takes RCPT
         return "250 OK"
@@ -235,12 +238,17 @@ class _Collector:
             await asyncio.sleep(owner.delay)
         data = envelope.original_content or b""
         message = Captured(envelope.mail_from or "", tuple(envelope.rcpt_tos), data)
+        await self._held_back(message, session)
+        owner._record(message)
+        return "250 2.0.0 Ok: queued"
+
+    async def _held_back(self, message: Captured, session: Session) -> None:
+        """Wait for release() before replying, if the server is holding replies (see hold)."""
+        owner = self.owner
         if not owner._released.is_set():
             owner._hold(Held(message, int(session.peer[1])))
             while not owner._released.is_set():  # cancelled if the client goes away
                 await asyncio.sleep(0.01)
-        owner._record(message)
-        return "250 2.0.0 Ok: queued"
 
 
 class _Recording(AioSMTP):

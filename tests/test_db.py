@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from drip import db
 from drip.cli import App, cli
@@ -53,3 +54,14 @@ def test_a_database_locked_past_the_busy_timeout_is_busy_not_a_traceback(
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert "the database is busy" in result.stderr and "drip enroll --csv" in result.stderr
     assert "try again" in result.stderr and "Traceback" not in result.output
+
+
+def test_a_failed_statement_s_error_names_none_of_its_parameters(engine: Engine) -> None:
+    """Workers and commands look patients up by address; Celery logs the exception of a task
+    that fails (a connection dropped by a failover, say), and SQLAlchemy's message lists the
+    statement's parameters unless told not to (tests/test_unsubscribe_e2e.py stages it)."""
+    address = "zz.canary.4417@example.org"
+    with pytest.raises(DBAPIError) as raised, engine.connect() as connection:
+        connection.execute(text("SELECT id FROM no_such_table WHERE email = :a"), {"a": address})
+    assert "no_such_table" in str(raised.value)  # the statement still shows, for operators
+    assert address not in str(raised.value) and address not in repr(raised.value)

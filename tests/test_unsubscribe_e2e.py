@@ -17,6 +17,8 @@ its own patients' rows and mail.
   process and in no Redis key, value or published message; the search is shown to find what it
   looks for first. On SQLite the processes run with DRIP_LOG_FORMAT=json (ignored by a drip
   that does not know it yet), on PostgreSQL with the default text lines.
+- On PostgreSQL, the database dropping the worker's connection while it looks a bouncing
+  patient up by address leaves no address in the error the worker logs.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import redis
 from click.testing import CliRunner, Result
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import Connection, TextClause, create_engine, select, text
 from sqlalchemy.orm import Session
 
 from drip import db
@@ -130,7 +132,7 @@ def line(
             pipeline.worker(concurrency=2)  # they start while drip serve does
             pipeline.beat()
             with serving(env, root / "serve") as served:
-                yield Line(pipeline, served, redis_url)
+                yield Line(pipeline, served, redis_url, db_kind)
         finally:
             pipeline.stop()
             engine.dispose()
@@ -143,6 +145,7 @@ class Line:
     pipeline: Pipeline
     served: Served
     redis_url: str
+    db_kind: str
 
     @property
     def smtp(self) -> CapturingServer:
@@ -599,7 +602,6 @@ def test_a_canary_patient_shows_in_no_log_and_no_redis_key_value_or_message(line
     assert bounced.last_error and "550 5.1.1" in bounced.last_error
     assert [p.status for p in canary.pages.values()] == [200, 200, 404]
     worker = line.worker_log()
-    assert "results:     disabled://" in worker  # no result backend: nothing kept but the queue
     beat = "".join(text for name, text in logs.items() if name.startswith("beat"))
     assert "drip.send_batch" in worker and f"delivery {bounced.id} failed" in worker
     assert "drip.tick" in beat
@@ -627,3 +629,54 @@ def test_a_canary_patient_shows_in_no_log_and_no_redis_key_value_or_message(line
         "errors and events recorded": "\n".join(recorded),
     }
     assert sightings(NEEDLES, places) == []
+
+
+# --- 5. a database fault while the worker records a bounce ----------------------------------------
+
+FAULTED_FIRST, FAULTED_LAST = "Yyfaultedq", "Qqfaultedy"
+FAULTED = "yy.faulted.5521@example.org"
+WAITING = text(
+    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+    "AND wait_event_type = 'Lock' AND query LIKE '%email_key%'"
+)
+
+
+def test_a_database_error_while_the_worker_records_a_bounce_names_no_one_in_its_log(
+    line: Line,
+) -> None:
+    """The database drops the worker's connection (a failover; an operator's
+    pg_terminate_backend) just as it looks the bouncing patient up by address: the error the
+    worker logs, which quotes the statement, must not quote its parameters."""
+    if line.db_kind != "postgresql":
+        pytest.skip("SQLite never makes a reader wait for a lock: staged on PostgreSQL")
+    engine = line.pipeline.engine
+    line.morning()
+    line.smtp.refuse(FAULTED, f"550 5.1.1 <{FAULTED}>: Recipient address rejected: User unknown")
+    before = len(line.smtp.held)
+    line.smtp.hold()  # the worker waits for the reply to RCPT, its row already `sending`
+    with engine.connect() as lock, engine.connect() as watch:
+        try:
+            line.enrol(f"{FAULTED},{FAULTED_FIRST},{FAULTED_LAST},America/New_York,")
+            line.wait_held(before)
+            lock.execute(text("LOCK TABLE patients IN ACCESS EXCLUSIVE MODE"))
+            line.smtp.release()  # 550 5.1.1: the worker records the bounce, and waits…
+            pid = wait_until(lambda: _fresh(watch, WAITING), "the worker to wait for the lock")
+            watch.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        finally:
+            lock.rollback()
+            line.smtp.release()
+    wait_until(lambda: "AdminShutdown" in line.worker_log(), "the worker to log the error")
+    needles = (FAULTED_FIRST, FAULTED_LAST, FAULTED, FAULTED.split("@")[0])
+    assert sightings(needles, {"the worker's log": line.worker_log()}) == []
+    # its outcome lost with the connection, the row is `unknown` once its lease has run out
+    line.pipeline.expire_leases()
+    wait_until(lambda: line.welcome(FAULTED).state == "unknown", "the lease to run out")
+
+
+def _fresh(connection: Connection, query: TextClause) -> Any:
+    """The query's first value, in a transaction of its own (PostgreSQL keeps one snapshot of
+    pg_stat_activity for the whole of a transaction)."""
+    try:
+        return connection.scalar(query)
+    finally:
+        connection.rollback()

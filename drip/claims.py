@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from drip import states
@@ -137,3 +137,8 @@ def expire_leases(
     released = rowcount(session.execute(states.expire_claims(now=now, retry_for=retry_for)))
     unknown = rowcount(session.execute(states.expire_sending(now=now)))
     return released, unknown
+
+
+def claimed_count(session: Session) -> int:
+    """Rows claimed and not yet being sent: queued in Redis, or waiting in a running batch."""
+    return int(session.scalar(select(func.count()).where(D.state == CLAIMED)) or 0)

@@ -1,7 +1,9 @@
 """The Celery app and its two tasks. Thin: they take ids and hand them to the domain.
 
 - `drip.tick` (sent by beat every DRIP_TICK_SECONDS): Ticker.tick.
-- `drip.send_batch` (sent by the tick): Sender.send_batch on a list of delivery ids.
+- `drip.send_batch` (sent by the tick): Sender.send_batch on a list of delivery ids; then, if
+  the send queue is nearly empty, the ticker feeds it (the workers drain faster than one tick
+  feeds: see drip.ticker).
 
 Tasks carry delivery ids only, never patient data. Each worker process builds its own engine,
 renderer and SMTP connection on first use (after the fork), and reuses them.
@@ -26,9 +28,10 @@ from drip import db
 from drip.breaker import RedisBreaker, relay_name
 from drip.broker import broker, redis_client
 from drip.errors import DripError
+from drip.ratelimit import Limiter, RedisLimiter, sends_in_last_day
 from drip.sending import Sender
 from drip.settings import Settings
-from drip.ticker import Ticker
+from drip.ticker import LOW_WATER, RedisFeedMemory, Ticker, TickReport
 from drip.transports import open_transport
 
 log = logging.getLogger("drip.tasks")
@@ -134,11 +137,41 @@ class Runtime:
             settings.batch_size * settings.slowest_send_seconds,
             settings.soft_deadline_seconds,
         )
-        return Sender(self.engine, settings, transport, settings.clock(), breaker=breaker)
+        return Sender(
+            self.engine,
+            settings,
+            transport,
+            settings.clock(),
+            breaker=breaker,
+            limiter=self.limiter,
+        )
+
+    @cached_property
+    def limiter(self) -> Limiter | None:
+        """DRIP_RATE_LIMIT and DRIP_DAILY_LIMIT, shared through Redis; None when neither is set."""
+        settings = self.settings
+        if settings.rate_limit is None and settings.daily_limit is None:
+            return None
+        return RedisLimiter(
+            self.redis,
+            relay_name(settings.mail_url),
+            rate=settings.rate_limit,
+            daily=settings.daily_limit,
+            seed=lambda: sends_in_last_day(self.engine, settings.clock()),
+        )
 
     @cached_property
     def ticker(self) -> Ticker:
-        return Ticker(self.engine, self.settings, self.settings.clock(), _enqueue, self.queue_depth)
+        settings = self.settings
+        return Ticker(
+            self.engine,
+            settings,
+            settings.clock(),
+            _enqueue,
+            self.queue_depth,
+            memory=RedisFeedMemory(self.redis),
+            limiter=self.limiter,
+        )
 
     @cached_property
     def redis(self) -> redis.Redis:
@@ -147,6 +180,19 @@ class Runtime:
     def queue_depth(self) -> int:
         """Batches waiting in the send queue (Celery's Redis transport keeps a queue as a list)."""
         return int(cast(int, self.redis.llen(SEND_QUEUE)))
+
+    def feed_if_low(self) -> None:
+        """After a batch: feed the send queue now if it is nearly empty, rather than at the next
+        tick. Never fails the batch's task: the next tick feeds anyway."""
+        try:
+            if self.queue_depth() <= LOW_WATER:
+                report = TickReport()
+                self.ticker.feed(report, nudge=True)
+                if report.claimed:
+                    log.info("fed: %s", report.as_dict())
+        except Exception as e:  # Redis or the database: the batch is recorded; ticks go on
+            why = type(e).__name__
+            log.warning("could not feed the send queue after a batch (%s); the next tick will", why)
 
 
 _current: list[Runtime] = []
@@ -166,10 +212,13 @@ def _enqueue(ids: list[int]) -> None:
 
 
 @app.task(name="drip.tick")
-def tick() -> dict[str, int | bool]:
+def tick() -> dict[str, int | float | bool]:
     return runtime().ticker.tick().as_dict()
 
 
 @app.task(name="drip.send_batch")
 def send_batch(ids: list[int]) -> dict[str, int]:
-    return runtime().sender.send_batch([int(i) for i in ids]).as_dict()
+    here = runtime()
+    report = here.sender.send_batch([int(i) for i in ids])
+    here.feed_if_low()
+    return report.as_dict()

@@ -436,6 +436,7 @@ class Stop:
 
 BREAKER_CHECK_SECONDS = 1.0  # how often a running batch looks at the shared circuit breaker
 WAIT_STEP = 1.0  # seconds: the longest sleep while waiting for a turn (the lease, the breaker)
+RECORD_BEFORE_WAIT = 0.1  # seconds: a wait this long first records the email just sent
 
 
 class _Batch:
@@ -486,7 +487,7 @@ class _Batch:
             job = self.current = self.builder.next()
             if job is None:
                 break
-            self.stop = self._await_turn(connection)
+            self.stop = self._await_turn(connection, report)
             if self.stop is not None:
                 break
             mark = _Mark(self._marker(connection, fast, job, report))
@@ -525,7 +526,7 @@ class _Batch:
                 return Stop(why, wait=wait)
         return None
 
-    def _await_turn(self, connection: Connection) -> Stop | None:
+    def _await_turn(self, connection: Connection, report: BatchReport) -> Stop | None:
         """DRIP_RATE_LIMIT, DRIP_DAILY_LIMIT: wait for this email's turn, keeping the lease. Or
         stop, the rows given back untried: the daily quota is used up (they go back as they
         were), the turn would come after the batch's soft deadline, or Redis is unreachable."""
@@ -546,22 +547,27 @@ class _Batch:
                 return Stop(why, untouched=True)
             elif grant.unavailable:
                 return Stop("not sent: Redis is unreachable, so DRIP_RATE_LIMIT cannot be kept")
-            elif (stop := self._wait(connection, self.sender.monotonic() + grant.wait)) is not None:
+            elif (stop := self._wait(connection, report, self.sender.monotonic() + grant.wait)):
                 return stop
         at, self.turn = self.turns.popleft()
-        stop = self._wait(connection, at)
+        stop = self._wait(connection, report, at)
         if stop is not None:
             self._unused_turn()
         return stop
 
-    def _wait(self, connection: Connection, until: float) -> Stop | None:
+    def _wait(self, connection: Connection, report: BatchReport, until: float) -> Stop | None:
         """Sleep until `until` (monotonic), renewing the lease and watching the breaker; a Stop
-        instead when the batch's soft deadline would come first."""
+        instead when the batch's soft deadline would come first. Before a wait that is not
+        short, the email just sent is recorded `sent` (the fast path would record it with the
+        next mark): a worker killed while waiting must not leave it `sending`, then `unknown`."""
         sender = self.sender
         if until >= self.deadline:
             why = "not reached before the batch's deadline (DRIP_RATE_LIMIT); given back untried"
             return Stop(why)
         started = now = sender.monotonic()
+        if self.outcomes and until - now >= RECORD_BEFORE_WAIT:
+            with connection.begin():
+                sender._record(connection, self.outcomes, report)
         try:
             while now < until:
                 sender.sleep(min(until - now, WAIT_STEP))

@@ -5,13 +5,13 @@ that finishes a batch and finds the queue nearly empty (`feed(nudge=True)`), as 
 ran lately. So throughput is bounded by the workers, the relay and DRIP_RATE_LIMIT, never by the
 tick: with a fixed claim per tick, the default 5 s tick capped drip near 400 emails/s.
 
-How much one feed claims (`Ticker.wanted`), in rows, given the rows already claimed:
+How many rows are kept claimed (`Ticker.wanted`; a feed claims the difference):
 - enough for the next tick and a second more, at the rate the workers were measured to drain
-  (rows that left `claimed` since the last feed, per second; `drain_rate`), capped by
-  DRIP_RATE_LIMIT;
+  (rows that left `claimed` per second, over at least MEASURE_AFTER; `Drain.observe`), and never
+  less than COLD_BATCHES batches (what one tick queued before drip measured anything);
 - never more than they drain in half a lease: a claimed row must not wait in Redis past its lease
   (it would be taken back as a try);
-- with nothing measured yet, COLD_BATCHES batches;
+- with DRIP_RATE_LIMIT, no more than the limit lets out until the next tick and a second more;
 - under DRIP_DAILY_LIMIT, no more than what is left of the quota: while it is spent nothing is
   claimed, and the rows stay `scheduled`, untouched.
 
@@ -53,6 +53,7 @@ LOW_WATER = 1  # a worker finishing a batch feeds when no more batches than this
 MEASURE_AFTER = 0.5  # seconds: a shorter interval says too little about the drain rate
 MEASURE_WITHIN = 120.0  # seconds: what was measured longer ago is no longer the drain rate
 EXPIRE_EVERY = timedelta(seconds=5)
+LOCK_SECONDS = 15  # a feeder that died holding the lock holds up feeding this long at most
 
 
 @dataclass
@@ -74,13 +75,42 @@ class TickReport:
 
 @dataclass
 class Drain:
-    """What feeds remember between them (times in the memory's seconds)."""
+    """What feeds remember between them (times in the memory's seconds): the drain rate, and
+    the measurement under way."""
 
-    at: float = 0.0  # the last feed
-    claimed: int = 0  # rows claimed right after it
     rate: float = 0.0  # rows per second the workers drain; 0: not measured yet
+    at: float = 0.0  # when the measurement under way began (a feed)
+    claimed: int = 0  # rows claimed right after that feed, plus every row claimed since
+    dry: bool = False  # a feed since then found the send queue empty
     full: bool = False  # the last feed got all the rows it asked for: more were due
     ticked_at: float = 0.0  # the last feed that was a tick (beat is alive)
+
+    def observe(self, now: float, claimed: int, depth: int) -> float:
+        """The drain rate, given the rows `claimed` and the batches queued (`depth`) now.
+
+        Only feeds add to the queue, so one that finds batches still queued knows the queue
+        never ran dry since the feed before: the workers drained all they could, and the rows
+        that left `claimed` per second are their rate. If it ran dry, they could have drained
+        more; if more rows were due than the last feed claimed, the estimate doubles."""
+        elapsed = now - self.at
+        if not self.at or not 0 <= elapsed <= MEASURE_WITHIN or claimed > self.claimed:
+            if self.at and elapsed > MEASURE_WITHIN:
+                self.rate = 0.0  # too long ago to say what the workers drain now
+            self._restart(now, claimed)
+            return self.rate
+        self.dry = self.dry or depth == 0
+        if elapsed < MEASURE_AFTER:
+            return self.rate  # too short to say; the measurement goes on
+        observed = (self.claimed - claimed) / elapsed
+        if not self.dry:
+            self.rate = (self.rate + observed) / 2 if self.rate else observed
+        else:
+            self.rate = max(observed, self.rate * 2 if self.full else self.rate)
+        self._restart(now, claimed)
+        return self.rate
+
+    def _restart(self, now: float, claimed: int) -> None:
+        self.at, self.claimed, self.dry = now, claimed, False
 
 
 class FeedMemory(Protocol):
@@ -130,7 +160,7 @@ class RedisFeedMemory:
 
     @contextmanager
     def hold(self) -> Iterator[Drain | None]:
-        lock = self.client.lock(f"{self.KEY}:lock", timeout=60, blocking=False)
+        lock = self.client.lock(f"{self.KEY}:lock", timeout=LOCK_SECONDS, blocking=False)
         if not lock.acquire():
             yield None
             return
@@ -185,12 +215,12 @@ class Ticker:
                 return  # no tick lately: beat is stopped, and so is claiming
             with transaction(self.engine) as session:
                 claimed = claimed_count(session)
-            rate = drain_rate(drain, now, claimed, self.queue_depth())
+            rate = drain.observe(now, claimed, self.queue_depth())
             report.drain_rate = round(rate, 1)
             report.wanted = self.wanted(rate, claimed, report)
             if report.wanted > 0:
                 self._claim(report.wanted, report)
-            drain.at, drain.claimed, drain.rate = now, claimed + report.claimed, rate
+            drain.claimed += report.claimed
             drain.full = report.wanted > 0 and report.claimed >= report.wanted
             if not nudge:
                 drain.ticked_at = now
@@ -199,14 +229,13 @@ class Ticker:
         """How many rows to claim now, with `claimed` already claimed and the workers draining
         `rate` rows per second (0: not measured)."""
         s = self.settings
-        limit = min(rate or math.inf, s.rate_limit or math.inf)
-        if limit == math.inf:
-            target = COLD_BATCHES * s.batch_size
-        else:
-            ahead = limit * (s.tick_seconds + AHEAD_SECONDS)
-            target = min(math.ceil(ahead), math.floor(limit * s.lease_seconds * LEASE_SHARE))
-            if not rate:
-                target = min(target, COLD_BATCHES * s.batch_size)
+        ahead, in_lease = s.tick_seconds + AHEAD_SECONDS, s.lease_seconds * LEASE_SHARE
+        target = COLD_BATCHES * s.batch_size
+        if rate:
+            target = min(max(target, math.ceil(rate * ahead)), math.floor(rate * in_lease))
+        if s.rate_limit:
+            limited = min(math.ceil(s.rate_limit * ahead), math.floor(s.rate_limit * in_lease))
+            target = min(target, limited)
         wanted = max(target, 1) - claimed
         if self.limiter is not None and s.daily_limit is not None:
             quota = self.limiter.daily_left()
@@ -255,17 +284,3 @@ class Ticker:
             report.claimed += len(batch)
             report.batches += 1
 
-
-def drain_rate(drain: Drain, now: float, claimed: int, depth: int) -> float:
-    """Rows per second the workers drain, from the rows that left `claimed` since the last feed.
-
-    If batches are still queued (`depth`), the queue never ran dry since (only feeds add to it),
-    so the workers drained all they could: that is their rate. If it ran dry, they could have
-    drained more; and if more rows were due than the last feed claimed, the estimate doubles."""
-    elapsed = now - drain.at
-    if not drain.at or not MEASURE_AFTER <= elapsed <= MEASURE_WITHIN or claimed > drain.claimed:
-        return drain.rate if drain.at and elapsed <= MEASURE_WITHIN else 0.0
-    observed = (drain.claimed - claimed) / elapsed
-    if depth > 0:
-        return observed if not drain.rate else (drain.rate + observed) / 2
-    return max(observed, drain.rate * 2 if drain.full else drain.rate)

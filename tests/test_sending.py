@@ -437,12 +437,19 @@ def test_under_drip_rate_limit_each_email_waits_for_its_turn_and_waiting_is_not_
     fake = FakeTime()
     transport = TimedTransport(fake)
     waited: list[float] = []
+    in_the_air: list[int] = []
+
+    def look() -> None:  # while a batch waits, the email it sent before is already `sent`
+        with engine.connect() as c:
+            in_the_air.extend(c.scalars(select(Delivery.id).where(Delivery.state == "sending")))
+
+    fake.during = look
     sender = limited(
         engine, settings, fake, LocalLimiter(rate=2.0, clock=fake.monotonic), transport
     )
     sender.on_wait = waited.append
     report = sender.send_batch(ids)
-    assert report.sent == 6
+    assert report.sent == 6 and in_the_air == []
     gaps = [b - a for a, b in zip(transport.at, transport.at[1:], strict=False)]
     assert min(gaps) >= 0.5 - 1e-9  # one email every half second, never two at once
     assert report.waited_ms == round(fake.slept * 1000) and sum(waited) == pytest.approx(fake.slept)

@@ -25,7 +25,6 @@ from drip.ticker import (
     RedisFeedMemory,
     Ticker,
     TickReport,
-    drain_rate,
 )
 
 Drip = Callable[..., Result]
@@ -95,27 +94,36 @@ def states(engine: Engine) -> dict[str, int]:
 
 
 def test_nothing_measured_yet_is_a_drain_rate_of_zero() -> None:
-    assert drain_rate(Drain(), 100.0, 0, 0) == 0.0
+    assert Drain().observe(100.0, 0, 0) == 0.0
 
 
 def test_with_batches_still_queued_the_rows_that_left_claimed_are_the_drain_rate() -> None:
-    last = Drain(at=100.0, claimed=1000)
-    assert drain_rate(last, 102.0, 200, depth=3) == 400.0
+    drain = Drain(at=100.0, claimed=1000)
+    assert drain.observe(102.0, 200, depth=3) == 400.0
+    assert (drain.at, drain.claimed) == (102.0, 200)  # the next measurement starts here
+
+
+def test_feeds_closer_together_than_half_a_second_measure_over_several() -> None:
+    drain = Drain(at=100.0, claimed=1000, rate=50.0)
+    assert drain.observe(100.2, 900, depth=2) == 50.0  # too short to say
+    drain.claimed += 100  # that feed claimed 100 more
+    assert drain.observe(100.4, 800, depth=2) == 50.0
+    assert drain.observe(101.0, 400, depth=1) == (50.0 + 700) / 2  # 700 rows/s, smoothed
 
 
 def test_a_queue_that_ran_dry_with_more_due_doubles_the_estimate() -> None:
-    last = Drain(at=100.0, claimed=1000, rate=800.0, full=True)
-    assert drain_rate(last, 105.0, 0, depth=0) == 1600.0  # it drained 1,000 rows in under 5 s
+    drain = Drain(at=100.0, claimed=1000, rate=800.0, full=True)
+    assert drain.observe(105.0, 0, depth=0) == 1600.0  # it drained 1,000 rows in under 5 s
 
 
 def test_a_queue_that_ran_dry_because_nothing_more_was_due_keeps_the_estimate() -> None:
-    last = Drain(at=100.0, claimed=10, rate=800.0, full=False)
-    assert drain_rate(last, 105.0, 0, depth=0) == 800.0
+    drain = Drain(at=100.0, claimed=10, rate=800.0, full=False)
+    assert drain.observe(105.0, 0, depth=0) == 800.0
 
 
 def test_a_measure_too_old_is_forgotten() -> None:
-    last = Drain(at=100.0, claimed=10, rate=800.0)
-    assert drain_rate(last, 100.0 + 3600, 0, depth=0) == 0.0
+    drain = Drain(at=100.0, claimed=10, rate=800.0)
+    assert drain.observe(100.0 + 3600, 0, depth=0) == 0.0
 
 
 # --- how much one feed claims ------------------------------------------------------------------
@@ -140,6 +148,13 @@ def test_a_feed_never_claims_more_than_the_workers_drain_in_half_a_lease(
     settings: Settings,
 ) -> None:
     assert sized(settings, 10.0, tick_seconds=3600.0, lease_seconds=300) == 1500
+    assert sized(settings, 5.0, lease_seconds=300) == 750  # less than 20 batches: a slow relay
+
+
+def test_a_feed_keeps_at_least_twenty_batches_claimed_when_they_drain_within_the_lease(
+    settings: Settings,
+) -> None:
+    assert sized(settings, 100.0, tick_seconds=0.2) == COLD_BATCHES * settings.batch_size
 
 
 def test_drip_rate_limit_caps_what_a_feed_claims(settings: Settings) -> None:

@@ -12,6 +12,7 @@ How many rows are kept claimed (`Ticker.wanted`; a feed claims the difference):
 - never more than they drain in half a lease: a claimed row must not wait in Redis past its lease
   (it would be taken back as a try);
 - with DRIP_RATE_LIMIT, no more than the limit lets out until the next tick and a second more;
+- in whole batches, unless fewer than two are wanted;
 - under DRIP_DAILY_LIMIT, no more than what is left of the quota: while it is spent nothing is
   claimed, and the rows stay `scheduled`, untouched.
 
@@ -237,6 +238,8 @@ class Ticker:
             limited = min(math.ceil(s.rate_limit * ahead), math.floor(s.rate_limit * in_lease))
             target = min(target, limited)
         wanted = max(target, 1) - claimed
+        if target >= 2 * s.batch_size:  # top up in whole batches: a batch of a few rows costs
+            wanted -= wanted % s.batch_size  # nearly what a full one does
         if self.limiter is not None and s.daily_limit is not None:
             quota = self.limiter.daily_left()
             if quota.left is not None:

@@ -142,13 +142,14 @@ def test_a_feed_claims_enough_for_the_next_tick_at_the_measured_rate(settings: S
     # 1,600 rows/s with a 5 s tick: 6 s of work, not 20 batches of 100
     assert sized(settings, 1600.0, tick_seconds=5.0) == 9600
     assert sized(settings, 1600.0, claimed=9000, tick_seconds=5.0) == 600
+    assert sized(settings, 1600.0, claimed=9034, tick_seconds=5.0) == 500  # whole batches
 
 
 def test_a_feed_never_claims_more_than_the_workers_drain_in_half_a_lease(
     settings: Settings,
 ) -> None:
     assert sized(settings, 10.0, tick_seconds=3600.0, lease_seconds=300) == 1500
-    assert sized(settings, 5.0, lease_seconds=300) == 750  # less than 20 batches: a slow relay
+    assert sized(settings, 5.0, lease_seconds=300) == 700  # under 20 batches: a slow relay
 
 
 def test_a_feed_keeps_at_least_twenty_batches_claimed_when_they_drain_within_the_lease(

@@ -10,7 +10,10 @@ bench/send.py (which notes when it accepts each message), a fresh database each 
   rate   DRIP_RATE_LIMIT=20, 600 welcome emails due at once. Reported: emails/s from the first
          message accepted to the last (goal: within 10% of 20/s) and end to end; the most
          messages the sink accepted in any one-second window (sliding, to the microsecond; goal:
-         no more than 20 + one take's turns, which is 1 at this rate); nothing sent twice.
+         no more than 20 + one take's turns, which is 1 at this rate, and at worst 20 + one batch
+         of 100 rows); nothing sent twice. The limiter's own schedule never holds more than 20
+         turns in a second (tests/test_ratelimit.py); at the sink, a send delayed by a busy
+         machine can land next to the following one.
   daily  DRIP_DAILY_LIMIT=50, 200 welcome emails due at once. Once the sink has 50, the bench
          waits for three ticks that find the quota spent, then checks: the sink has exactly 50,
          the database 50 `sent`, and the other 150 rows exactly as they were when they became
@@ -61,14 +64,16 @@ def rate_run(args: argparse.Namespace, tmp: Path, broker_url: str) -> list[str]:
     going = (len(times) - 1) / (times[-1] - times[0])
     whole = len(times) / (times[-1] - due_at)
     most, allowed = most_in_a_second(times), args.rate + chunk_for(args.rate)
+    batch = args.rate + 100  # DRIP_BATCH_SIZE's default: the looser reading of "one batch"
     off = going / args.rate - 1
     lines = [
         f"rate: {args.emails} emails, DRIP_RATE_LIMIT={args.rate:g}, three nodes",
         f"  going out {going:.2f} emails/s ({off:+.1%} of {args.rate:g}; goal within 10%: "
         f"{'met' if abs(off) <= 0.10 else 'NOT met'}); end to end {whole:.2f}/s "
         f"(first email {times[0] - due_at:.2f} s after the due commit)",
-        f"  most in any one-second window: {most} (goal <= {allowed:g}: "
-        f"{'met' if most <= allowed else 'NOT met'})",
+        f"  most in any one-second window: {most} (<= {allowed:g}, the rate and one take's "
+        f"turns: {'met' if most <= allowed else 'NOT met'}; <= {batch:g}, the rate and one "
+        f"batch of rows: {'met' if most <= batch else 'NOT met'})",
         f"  database {found}; sink {stats}",
     ]
     if stats["distinct"] != args.emails or stats["duplicates"]:

@@ -103,8 +103,10 @@ class _SinkSession(asyncio.Protocol):
     / RSET / NOOP / QUIT; XSTAT answers the counters. Replies to pipelined commands go out in one
     write. The only work per message is two bytes.find calls and a set lookup."""
 
-    def __init__(self, counters: Any, seen: set[bytes], done_at: Any, done: Any) -> None:
-        self.counters, self.seen = counters, seen
+    def __init__(
+        self, counters: Any, seen: set[bytes], done_at: Any, done: Any, times: Any = None
+    ) -> None:
+        self.counters, self.seen, self.times = counters, seen, times
         self.done_at, self.done = done_at, done
         self.buffer = bytearray()
         self.in_data = False
@@ -221,20 +223,26 @@ class _SinkSession(asyncio.Protocol):
                 self.seen.add(key)
                 counters[DISTINCT] += 1
         accepted = counters[ACCEPTED] + 1
+        times = self.times
+        if times is not None and accepted <= len(times):
+            times[accepted - 1] = time.perf_counter()  # when the n-th message was accepted
         counters[ACCEPTED] = accepted  # last: once ACCEPTED reads N, the others are final
         if accepted == counters[TARGET]:
             self.done_at.value = time.perf_counter()  # CLOCK_MONOTONIC: the same in every process
             self.done.set()
 
 
-def _sink_main(counters: Any, done_at: Any, done: Any, port_pipe: Pipe) -> None:
+def _sink_main(counters: Any, done_at: Any, done: Any, port_pipe: Pipe, times: Any = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     async def serve() -> None:
         seen: set[bytes] = set()
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
-            lambda: _SinkSession(counters, seen, done_at, done), "127.0.0.1", 0, backlog=512
+            lambda: _SinkSession(counters, seen, done_at, done, times),
+            "127.0.0.1",
+            0,
+            backlog=512,
         )
         port_pipe.send(server.sockets[0].getsockname()[1])
         port_pipe.close()
@@ -247,14 +255,16 @@ class Sink:
     """The SMTP sink in its own process. The counters are shared memory; the sink notes the
     moment it accepts the message that makes `expect(n)`'s n, so nobody polls while sending."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_times: int = 0) -> None:
+        """`keep_times`: note when each of the first so many messages was accepted (`times`)."""
         self.counters: Any = multiprocessing.RawArray("q", 5)
+        self.times: Any = multiprocessing.RawArray("d", keep_times) if keep_times else None
         self.done_at: Any = multiprocessing.RawValue("d", 0.0)
         self.done = multiprocessing.Event()
         receive, send = multiprocessing.Pipe(duplex=False)
         self.process = multiprocessing.Process(
             target=_sink_main,
-            args=(self.counters, self.done_at, self.done, send),
+            args=(self.counters, self.done_at, self.done, send, self.times),
             name="smtp-sink",
             daemon=True,
         )

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, text
+from sqlalchemy import func, or_, select, text
 from sqlalchemy.orm import Session
 
 from drip import states
@@ -174,3 +174,8 @@ def expire_leases(
     released = rowcount(session.execute(states.expire_claims(now=now, retry_for=retry_for)))
     unknown = rowcount(session.execute(states.expire_sending(now=now)))
     return released, unknown
+
+
+def claimed_count(session: Session) -> int:
+    """Rows claimed and not yet being sent: queued in Redis, or waiting in a running batch."""
+    return int(session.scalar(select(func.count()).where(D.state == CLAIMED)) or 0)

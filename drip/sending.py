@@ -19,6 +19,9 @@ What a batch keeps to, beyond one email:
   missing under tls=required, a password it would get unencrypted) stops the batch the same
   way, the row in hand going back untried too: an operator's mistake costs no row a try;
 - transient failures are retried with back-off for DRIP_RETRY_FOR, then `failed`;
+- under DRIP_RATE_LIMIT / DRIP_DAILY_LIMIT each email waits for its turn (drip.ratelimit) just
+  before it is marked `sending`, keeping the batch's lease; a turn that would come after the
+  soft deadline, or a daily quota used up, gives the rows back untried (waiting is never a try);
 - a message that cannot be built (any exception) fails its row alone, with the reason;
 - the batch renews its lease as it goes and stops taking new emails at its soft deadline, well
   before the hard time limit, giving back what it did not reach.
@@ -81,6 +84,7 @@ from drip.models import (
     UNKNOWN,
 )
 from drip.patients import email_key, zone
+from drip.ratelimit import Limiter, chunk_for
 from drip.recorder import PERMANENT, RENDER, STALE, TRANSIENT, NullRecorder, Recorder
 from drip.recorder import UNKNOWN as UNKNOWN_OUTCOME
 from drip.rendering import Renderer
@@ -113,6 +117,7 @@ class BatchReport:
     deferred: int = 0  # paused, outside the send window, or too soon after the last email
     given_back: int = 0  # not reached: the relay was failing, or the batch's deadline came
     not_ours: int = 0  # no longer claimed: another copy of the task, or a coordinator's change
+    waited_ms: int = 0  # time spent waiting for turns of DRIP_RATE_LIMIT (a metric's counter)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -206,6 +211,9 @@ class Sender:
     breaker: Breaker = field(default_factory=LocalBreaker)
     monotonic: Callable[[], float] = time.monotonic
     recorder: Recorder = field(default_factory=NullRecorder)
+    limiter: Limiter | None = None  # DRIP_RATE_LIMIT, DRIP_DAILY_LIMIT; None: neither is set
+    sleep: Callable[[float], None] = time.sleep
+    on_wait: Callable[[float], None] = lambda seconds: None  # seconds waited for a turn
 
     def __post_init__(self) -> None:
         self.renderer = self.renderer or Renderer(self.settings)
@@ -392,9 +400,13 @@ class Sender:
         if not stop.tried:
             ids = [job.id for job in jobs]
             due = now + timedelta(seconds=stop.wait) if stop.wait else None
-            report.given_back += states.leave(
-                connection, ids, CLAIMED, SCHEDULED, now=now, error=why, due_at=due
+            error = None if stop.untouched else why
+            moved = states.leave(
+                connection, ids, CLAIMED, SCHEDULED, now=now, error=error, due_at=due
             )
+            report.given_back += moved
+            if stop.untouched:
+                log.warning("%d given back untried, as they were: %s", moved, why)
             return
         due = now + backoff(1, self.rng) + BACKOFF_BASE
         groups: dict[tuple[str, str, datetime | None], list[int]] = {}
@@ -454,9 +466,12 @@ class Stop:
     why: str
     tried: bool = False  # the relay was failing: giving the rows back counts as a try
     wait: float = 0.0  # seconds before they are due again (the breaker's pause)
+    untouched: bool = False  # the rows go back as they were: no reason written (daily quota)
 
 
 BREAKER_CHECK_SECONDS = 1.0  # how often a running batch looks at the shared circuit breaker
+WAIT_STEP = 1.0  # seconds: the longest sleep while waiting for a turn (the lease, the breaker)
+RECORD_BEFORE_WAIT = 0.1  # seconds: a wait this long first records the email just sent
 
 
 class _Batch:
@@ -473,6 +488,9 @@ class _Batch:
         self.outcomes: list[Outcome] = []
         self.current: Job | None = None  # taken from the builder, not yet recorded
         self.stop: Stop | None = None
+        self.turns: deque[tuple[float, int]] = deque()  # (monotonic instant, minute) taken
+        self.turn: int | None = None  # the daily minute of the current email's turn
+        self.waited = 0.0
 
     def run(self, report: BatchReport) -> None:
         sender = self.sender
@@ -482,6 +500,7 @@ class _Batch:
                 self._loop(connection, fast, report)
             finally:
                 fast.close()
+                self._return_turns(report)
                 if connection.in_transaction():  # a failure inside the loop
                     connection.rollback()
                 with connection.begin():
@@ -503,12 +522,16 @@ class _Batch:
             job = self.current = self.builder.next()
             if job is None:
                 break
+            self.stop = self._await_turn(connection, report)
+            if self.stop is not None:
+                break
             mark = _Mark(self._marker(connection, fast, job, report))
             try:
                 outcome = self._send_one(job, mark)
             except _NotOurs:
                 report.not_ours += 1
                 self.current = None
+                self._unused_turn()
                 continue
             except _RelayUnusable as unusable:
                 if unusable.outcome is not None:  # the row went `sending` first: it is retried
@@ -518,6 +541,7 @@ class _Batch:
                 break  # a row still in hand was never ours to send: it goes back untried
             self.outcomes.append(outcome)
             self.current = None
+            self.turn = None
             failures_in_a_row = failures_in_a_row + 1 if outcome.state == RETRY else 0
             if failures_in_a_row >= GIVE_UP_AFTER_CONSECUTIVE:
                 why = f"not attempted: the mail server was failing ({outcome.error})"
@@ -556,13 +580,90 @@ class _Batch:
                 return Stop(why, wait=wait)
         return None
 
+    def _await_turn(self, connection: Connection, report: BatchReport) -> Stop | None:
+        """DRIP_RATE_LIMIT, DRIP_DAILY_LIMIT: wait for this email's turn, keeping the lease. Or
+        stop, the rows given back untried: the daily quota is used up (they go back as they
+        were), the turn would come after the batch's soft deadline, or Redis is unreachable."""
+        limiter = self.sender.limiter
+        if limiter is None:
+            return None
+        while not self.turns:
+            left = 1 + len(self.builder.built) + len(self.builder.rows)
+            grant = limiter.take(min(chunk_for(limiter.rate), left))
+            if grant.count:
+                base = self.sender.monotonic()  # after the reply: a turn is never early
+                self.turns.extend((base + at, grant.minute) for at in grant.turns())
+            elif grant.daily_spent:
+                why = (
+                    f"not sent: DRIP_DAILY_LIMIT={limiter.daily} emails in 24 hours reached; "
+                    f"some of the quota frees in {grant.wait / 60:.0f} min"
+                )
+                return Stop(why, untouched=True)
+            elif grant.unavailable:
+                return Stop("not sent: Redis is unreachable, so DRIP_RATE_LIMIT cannot be kept")
+            elif (stop := self._wait(connection, report, self.sender.monotonic() + grant.wait)):
+                return stop
+        at, self.turn = self.turns.popleft()
+        stop = self._wait(connection, report, at)
+        if stop is not None:
+            self._unused_turn()
+        return stop
+
+    def _wait(self, connection: Connection, report: BatchReport, until: float) -> Stop | None:
+        """Sleep until `until` (monotonic), renewing the lease and watching the breaker; a Stop
+        instead when the batch's soft deadline would come first. Before a wait that is not
+        short, the email just sent is recorded `sent` (the fast path would record it with the
+        next mark): a worker killed while waiting must not leave it `sending`, then `unknown`."""
+        sender = self.sender
+        if until >= self.deadline:
+            why = "not reached before the batch's deadline (DRIP_RATE_LIMIT); given back untried"
+            return Stop(why)
+        started = now = sender.monotonic()
+        if self.outcomes and until - now >= RECORD_BEFORE_WAIT:
+            with connection.begin():
+                sender._record(connection, self.outcomes, report)
+        try:
+            while now < until:
+                sender.sleep(min(until - now, WAIT_STEP))
+                self._keep_lease(connection)
+                if (stop := self._should_stop()) is not None:
+                    return stop
+                now = sender.monotonic()
+        finally:
+            if now > started:
+                self.waited += now - started
+                sender.on_wait(now - started)
+        return None
+
+    def _unused_turn(self) -> None:
+        """The current email's turn was not used (the row was no longer ours): the daily quota
+        gets it back."""
+        limiter, turn = self.sender.limiter, self.turn
+        self.turn = None
+        if limiter is not None and turn is not None:
+            limiter.give_back(turn, 1)
+
+    def _return_turns(self, report: BatchReport) -> None:
+        """The turns this batch took and did not use go back to the daily quota."""
+        report.waited_ms += round(self.waited * 1000)
+        limiter = self.sender.limiter
+        if limiter is None:
+            return
+        unused: dict[int, int] = {}
+        for _, minute in self.turns:
+            unused[minute] = unused.get(minute, 0) + 1
+        self.turns.clear()
+        for minute, count in unused.items():
+            limiter.give_back(minute, count)
+
     def _keep_lease(self, connection: Connection) -> None:
         """Renew the lease of the rows still to send, every quarter of a lease."""
         now_m = self.sender.monotonic()
         if now_m - self.renewed < self.renew_every:
             return
         self.renewed = now_m
-        ids = [job.id for job in self.builder.unsent()] + [i for i, _ in self.builder.broken]
+        held = [self.current.id] if self.current is not None else []  # waiting for its turn
+        ids = held + [job.id for job in self.builder.unsent()] + [i for i, _ in self.builder.broken]
         if ids:
             sender = self.sender
             with connection.begin():

@@ -6,6 +6,7 @@ variable and says what a good value looks like.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import tempfile
@@ -63,6 +64,8 @@ class Settings:
     batch_size: int = 100
     min_gap: timedelta = timedelta(hours=12)
     retry_for: timedelta = timedelta(days=3)
+    rate_limit: float | None = None  # messages per second across every worker; None: no limit
+    daily_limit: int | None = None  # messages in any 24 hours across every worker; None: none
     var_dir: Path = Path("var")
     secret_key_generated: bool = False  # no DRIP_SECRET_KEY: the key generated into var/
     log_format: str = "text"  # DRIP_LOG_FORMAT: text, or json (one object a line)
@@ -95,6 +98,7 @@ class Settings:
                 values.update(parse(name, raw if name in _UNTRIMMED else raw.strip()))
         settings = replace(cls(), **values)
         settings.check_lease()
+        settings.check_rate()
         if not settings.secret_key:
             settings = replace(
                 settings, secret_key=stored_secret(settings.var_dir), secret_key_generated=True
@@ -124,6 +128,17 @@ class Settings:
                 f"{self.slowest_send_seconds:g} s; set DRIP_LEASE_SECONDS to at least "
                 f"{2 * self.slowest_send_seconds:.0f}, or "
                 "a lower ?timeout= on DRIP_MAIL_URL"
+            )
+
+    def check_rate(self) -> None:
+        """A batch must be able to send at least one email at DRIP_RATE_LIMIT before its soft
+        deadline, or every batch would give its rows back without sending any."""
+        if self.rate_limit is not None and 1 / self.rate_limit >= self.soft_deadline_seconds:
+            raise ConfigError(
+                f"DRIP_RATE_LIMIT={self.rate_limit:g} allows one email every "
+                f"{1 / self.rate_limit:g} s, longer than a batch may run "
+                f"({self.soft_deadline_seconds:g} s with DRIP_LEASE_SECONDS="
+                f"{self.lease_seconds}); raise DRIP_RATE_LIMIT or DRIP_LEASE_SECONDS"
             )
 
     def clock(self) -> Clock:
@@ -248,6 +263,26 @@ def _seconds(name: str, raw: str) -> dict[str, Any]:
     if not 0.1 <= value <= 3600:
         raise ConfigError(f"{name}={value} is out of range; use 0.1 to 3600 seconds")
     return {"tick_seconds": value}
+
+
+MAX_RATE = 100_000.0  # messages per second: far beyond any relay's limit
+
+
+def _rate(name: str, raw: str) -> dict[str, Any]:
+    """Messages per second: a positive, finite number (`14`, `0.5`)."""
+    example = "e.g. 14 (a new Amazon SES account) or 0.5 (one every 2 s)"
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(
+            f"{name}={raw!r} is not a number of messages per second; set it like {example}"
+        ) from None
+    if not math.isfinite(value) or not 0 < value <= MAX_RATE:
+        raise ConfigError(
+            f"{name}={raw!r} is out of range: messages per second must be more than 0 and at "
+            f"most {MAX_RATE:,.0f}; set it like {example}, or leave it unset for no limit"
+        )
+    return {"rate_limit": value}
 
 
 def _duration(field: str, low: timedelta, high: timedelta) -> Parser:
@@ -418,4 +453,6 @@ _PARSERS = {
     "DRIP_MIN_GAP": _duration("min_gap", timedelta(0), timedelta(days=7)),
     "DRIP_RETRY_FOR": _duration("retry_for", timedelta(minutes=1), timedelta(days=30)),
     "DRIP_LOG_FORMAT": _log_format,
+    "DRIP_RATE_LIMIT": _rate,
+    "DRIP_DAILY_LIMIT": _int("daily_limit", 1, 100_000_000),
 }

@@ -1,7 +1,9 @@
 """The Celery app and its two tasks. Thin: they take ids and hand them to the domain.
 
 - `drip.tick` (sent by beat every DRIP_TICK_SECONDS): Ticker.tick.
-- `drip.send_batch` (sent by the tick): Sender.send_batch on a list of delivery ids.
+- `drip.send_batch` (sent by the tick): Sender.send_batch on a list of delivery ids; then, if
+  the send queue is nearly empty, the ticker feeds it (the workers drain faster than one tick
+  feeds: see drip.ticker).
 
 Tasks carry delivery ids only, never patient data. Each worker process builds its own engine,
 renderer and SMTP connection on first use (after the fork), and reuses them. With
@@ -29,10 +31,11 @@ from drip import db, logs
 from drip.breaker import RedisBreaker, relay_name
 from drip.broker import broker, redis_client
 from drip.errors import DripError
+from drip.ratelimit import Limiter, RedisLimiter, sends_in_last_day
 from drip.recorder import NullRecorder, Recorder
 from drip.sending import Sender
 from drip.settings import Settings
-from drip.ticker import Ticker, record_heartbeat
+from drip.ticker import LOW_WATER, RedisFeedMemory, Ticker, TickReport, record_heartbeat
 from drip.transports import open_transport
 
 if TYPE_CHECKING:
@@ -173,21 +176,44 @@ class Runtime:
             settings.batch_size * settings.slowest_send_seconds,
             settings.soft_deadline_seconds,
         )
-        clock = settings.clock()
         return Sender(
-            self.engine, settings, transport, clock, breaker=breaker, recorder=self.recorder
+            self.engine,
+            settings,
+            transport,
+            settings.clock(),
+            breaker=breaker,
+            limiter=self.limiter,
+            recorder=self.recorder,
+            on_wait=self.recorder.rate_limited,
+        )
+
+    @cached_property
+    def limiter(self) -> Limiter | None:
+        """DRIP_RATE_LIMIT and DRIP_DAILY_LIMIT, shared through Redis; None when neither is set."""
+        settings = self.settings
+        if settings.rate_limit is None and settings.daily_limit is None:
+            return None
+        return RedisLimiter(
+            self.redis,
+            relay_name(settings.mail_url),
+            rate=settings.rate_limit,
+            daily=settings.daily_limit,
+            seed=lambda: sends_in_last_day(self.engine, settings.clock()),
         )
 
     @cached_property
     def ticker(self) -> Ticker:
+        settings = self.settings
         return Ticker(
             self.engine,
-            self.settings,
-            self.settings.clock(),
+            settings,
+            settings.clock(),
             _enqueue,
             self.queue_depth,
             self.recorder,
             heartbeat=self.heartbeat,
+            memory=RedisFeedMemory(self.redis),
+            limiter=self.limiter,
         )
 
     @cached_property
@@ -207,6 +233,19 @@ class Runtime:
         """A tick ran: say so where `drip status` and `drip doctor` look (drip.ticker)."""
         record_heartbeat(self.redis, tick_seconds=self.settings.tick_seconds)
 
+    def feed_if_low(self) -> None:
+        """After a batch: feed the send queue now if it is nearly empty, rather than at the next
+        tick. Never fails the batch's task: the next tick feeds anyway."""
+        try:
+            if self.queue_depth() <= LOW_WATER:
+                report = TickReport()
+                self.ticker.feed(report, nudge=True)
+                if report.claimed:
+                    log.info("fed: %s", report.as_dict())
+        except Exception as e:  # Redis or the database: the batch is recorded; ticks go on
+            why = type(e).__name__
+            log.warning("could not feed the send queue after a batch (%s); the next tick will", why)
+
 
 _current: list[Runtime] = []
 
@@ -225,10 +264,13 @@ def _enqueue(ids: list[int]) -> None:
 
 
 @app.task(name="drip.tick")
-def tick() -> dict[str, int | bool]:
+def tick() -> dict[str, int | float | bool]:
     return runtime().ticker.tick().as_dict()
 
 
 @app.task(name="drip.send_batch")
 def send_batch(ids: list[int]) -> dict[str, int]:
-    return runtime().sender.send_batch([int(i) for i in ids]).as_dict()
+    here = runtime()
+    report = here.sender.send_batch([int(i) for i in ids])
+    here.feed_if_low()
+    return report.as_dict()

@@ -40,6 +40,7 @@ from drip.clock import read_clock_file, write_clock_file
 from drip.models import Delivery, Enrolment, Patient
 from drip.tasks import SEND_QUEUE
 from tests.conftest import TEST_SECRET
+from tests.polling import wait_until
 from tests.smtp_servers import Captured, CapturingServer, Held
 
 pytestmark = pytest.mark.slow
@@ -374,3 +375,29 @@ def test_two_tickers_and_two_worker_nodes_at_once(
 def test_the_private_redis_is_real_and_answers(redis_url: str) -> None:
     client: redis.Redis = redis_client(redis_url)
     assert client.ping() and client.info()["redis_version"]
+
+
+def test_a_daily_limit_of_5_sends_exactly_5_and_leaves_the_rest_scheduled_untried(
+    drip: Callable[..., Result], pipeline: Pipeline
+) -> None:
+    enrol_csv(drip, pipeline, many(12))  # twelve welcome emails due at once
+    pipeline.env["DRIP_DAILY_LIMIT"] = "5"
+    worker = pipeline.worker()
+    pipeline.beat()
+    pipeline.wait_for_messages(5)
+    # the ticker has seen the quota spent, several ticks after the fifth email
+    wait_until(
+        lambda: pipeline.logs().count("'daily_spent': True") >= 3,
+        "ticks that find the daily quota spent",
+        describe=pipeline.logs,
+    )
+    pipeline.stop_worker(worker)
+    assert len(pipeline.check_books_balance()) == 5
+    with pipeline.engine.connect() as c:
+        welcome = c.execute(
+            select(Delivery.state, Delivery.attempts, Delivery.last_error).where(
+                Delivery.step_key == "welcome"
+            )
+        ).all()
+    assert sorted(state for state, _, _ in welcome) == ["scheduled"] * 7 + ["sent"] * 5
+    assert {(a, e) for s, a, e in welcome if s == "scheduled"} == {(0, None)}

@@ -26,6 +26,7 @@ from drip.claims import claim_due
 from drip.clock import Clock
 from drip.errors import TransientDeliveryError
 from drip.models import Delivery, Enrolment, Event, Patient
+from drip.ratelimit import LocalLimiter
 from drip.sending import BACKOFF_BASE, BACKOFF_CAP, Sender, backoff
 from drip.settings import Settings
 from drip.states import leave
@@ -433,3 +434,138 @@ def test_a_relay_that_cannot_be_used_as_configured_holds_the_batch_and_opens_the
     after = [rows(engine)[i] for i in ids]
     assert all(d.state == "scheduled" and d.attempts == 0 and d.due_at > NOW for d in after)
     assert all("cannot be used as configured" in d.last_error for d in after)
+
+
+# --- DRIP_RATE_LIMIT, DRIP_DAILY_LIMIT ------------------------------------------------------------
+
+
+class FakeTime:
+    """The batch's monotonic clock and sleep, moved only by its own sleeps; the limiter and
+    the calendar read it too, so nothing here depends on the speed of the machine."""
+
+    def __init__(self) -> None:
+        self.t, self.slept = 1000.0, 0.0
+        self.during: Callable[[], None] = lambda: None
+
+    def monotonic(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += seconds
+        self.slept += seconds
+        self.during()
+
+
+class FakeCalendar(Clock):
+    def __init__(self, fake: FakeTime) -> None:
+        super().__init__(NOW)
+        self.fake = fake
+
+    def now(self) -> datetime:
+        return NOW + timedelta(seconds=self.fake.t - 1000.0)
+
+
+class TimedTransport(MemoryTransport):
+    """Notes the fake instant of each send."""
+
+    def __init__(self, fake: FakeTime) -> None:
+        super().__init__()
+        self.fake, self.at = fake, []
+
+    def send(self, envelope_from: str, recipient: str, message: bytes, **hooks: Any) -> None:
+        super().send(envelope_from, recipient, message, **hooks)
+        self.at.append(self.fake.t)
+
+
+def limited(
+    engine: Engine, settings: Settings, fake: FakeTime, limiter: LocalLimiter, transport: Transport
+) -> Sender:
+    return Sender(
+        engine,
+        settings,
+        transport,
+        FakeCalendar(fake),
+        rng=random.Random(7),
+        limiter=limiter,
+        monotonic=fake.monotonic,
+        sleep=fake.sleep,
+    )
+
+
+def test_under_drip_rate_limit_each_email_waits_for_its_turn_and_waiting_is_not_a_try(
+    enrolled: Callable[..., None], engine: Engine, settings: Settings
+) -> None:
+    enrolled(*(f"p{i}@example.com" for i in range(6)))
+    ids = claim(engine)
+    fake = FakeTime()
+    transport = TimedTransport(fake)
+    waited: list[float] = []
+    in_the_air: list[int] = []
+
+    def look() -> None:  # while a batch waits, the email it sent before is already `sent`
+        with engine.connect() as c:
+            in_the_air.extend(c.scalars(select(Delivery.id).where(Delivery.state == "sending")))
+
+    fake.during = look
+    sender = limited(
+        engine, settings, fake, LocalLimiter(rate=2.0, clock=fake.monotonic), transport
+    )
+    sender.on_wait = waited.append
+    report = sender.send_batch(ids)
+    assert report.sent == 6 and in_the_air == []
+    gaps = [b - a for a, b in zip(transport.at, transport.at[1:], strict=False)]
+    assert min(gaps) >= 0.5 - 1e-9  # one email every half second, never two at once
+    assert report.waited_ms == round(fake.slept * 1000) and sum(waited) == pytest.approx(fake.slept)
+    assert {(d.state, d.attempts) for d in rows(engine).values() if d.id in ids} == {("sent", 1)}
+
+
+def test_a_daily_limit_reached_gives_the_rest_back_untried_as_they_were(
+    enrolled: Callable[..., None], engine: Engine, settings: Settings
+) -> None:
+    enrolled(*(f"p{i}@example.com" for i in range(5)))
+    ids = claim(engine)
+    fake = FakeTime()
+    limiter = LocalLimiter(daily=3, clock=fake.monotonic)
+    report = limited(engine, settings, fake, limiter, MemoryTransport()).send_batch(ids)
+    assert (report.sent, report.given_back, report.failed, report.retry) == (3, 2, 0, 0)
+    left = [d for d in rows(engine).values() if d.id in ids and d.state != "sent"]
+    assert [(d.state, d.attempts, d.last_error, d.first_tried_at) for d in left] == [
+        ("scheduled", 0, None, None)
+    ] * 2
+
+
+def test_a_turn_after_the_soft_deadline_gives_the_rows_back_untried_and_the_lease_is_kept_meanwhile(
+    enrolled: Callable[..., None], engine: Engine, settings: Settings
+) -> None:
+    enrolled("ana@example.com", "ben@example.com")
+    ids = claim(engine)
+    fake = FakeTime()
+    leases: list[datetime] = []
+
+    def look() -> None:
+        with engine.connect() as c:
+            leases.extend(
+                c.scalars(select(Delivery.lease_until).where(Delivery.state == "claimed"))
+            )
+
+    fake.during = look
+    limiter = LocalLimiter(rate=1 / 250, clock=fake.monotonic)  # one email every 250 s
+    report = limited(engine, settings, fake, limiter, MemoryTransport()).send_batch(ids)
+    assert (report.sent, report.given_back) == (1, 1)  # the second turn is past 299 s
+    (left,) = [d for d in rows(engine).values() if d.id in ids and d.state != "sent"]
+    assert (left.state, left.attempts, left.lease_until) == ("scheduled", 0, None)
+    assert "DRIP_RATE_LIMIT" in (left.last_error or "")
+    # while the first email waited 251 s for its turn, its lease was renewed (300 s from claim)
+    assert max(leases) >= NOW + timedelta(seconds=200) + settings.lease
+
+
+def test_a_turn_taken_for_a_row_that_is_no_longer_ours_goes_back_to_the_daily_quota(
+    enrolled: Callable[..., None], engine: Engine, settings: Settings
+) -> None:
+    enrolled("ana@example.com", "ben@example.com", "cy@example.com")
+    ids = claim(engine)
+    fake = FakeTime()
+    limiter = LocalLimiter(daily=3, clock=fake.monotonic)
+    report = limited(engine, settings, fake, limiter, _TakenMeanwhile(engine)).send_batch(ids)
+    assert (report.sent, report.not_ours) == (2, 1)
+    assert limiter.daily_left().left == 1

@@ -411,3 +411,44 @@ def test_a_database_driver_drip_does_not_support_is_refused_without_the_password
 def test_sqlite_with_its_own_driver_name_is_accepted() -> None:
     url = "sqlite+pysqlite:///var/drip.db"
     assert Settings.from_env({"DRIP_DATABASE_URL": url}).database_url == url
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("DRIP_RATE_LIMIT", "abc", "is not a number of messages per second"),
+        ("DRIP_RATE_LIMIT", "0", "must be more than 0"),
+        ("DRIP_RATE_LIMIT", "-1", "must be more than 0"),
+        ("DRIP_RATE_LIMIT", "inf", "must be more than 0"),
+        ("DRIP_RATE_LIMIT", "nan", "must be more than 0"),
+        ("DRIP_RATE_LIMIT", "14/s", "is not a number of messages per second"),
+        ("DRIP_DAILY_LIMIT", "abc", "is not a whole number"),
+        ("DRIP_DAILY_LIMIT", "0", "out of range"),
+        ("DRIP_DAILY_LIMIT", "-1", "out of range"),
+        ("DRIP_DAILY_LIMIT", "inf", "is not a whole number"),
+        ("DRIP_DAILY_LIMIT", "nan", "is not a whole number"),
+        ("DRIP_DAILY_LIMIT", "50.5", "is not a whole number"),
+    ],
+)
+def test_a_bad_rate_or_daily_limit_is_refused_at_start_up_naming_the_variable(
+    name: str, value: str, says: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({name: value, "DRIP_SECRET_KEY": TEST_SECRET})
+    assert str(caught.value).startswith(f"{name}=") and says in str(caught.value)
+
+
+def test_rate_and_daily_limits_are_read_and_unset_by_default() -> None:
+    unset = Settings.from_env({"DRIP_SECRET_KEY": TEST_SECRET})
+    assert unset.rate_limit is None and unset.daily_limit is None
+    env = {"DRIP_RATE_LIMIT": "0.5", "DRIP_DAILY_LIMIT": "50000", "DRIP_SECRET_KEY": TEST_SECRET}
+    s = Settings.from_env(env)
+    assert (s.rate_limit, s.daily_limit) == (0.5, 50000)
+    assert Settings.from_env(env | {"DRIP_RATE_LIMIT": "14"}).rate_limit == 14.0
+
+
+def test_a_rate_too_slow_for_one_email_per_batch_is_refused_naming_the_fix() -> None:
+    env = {"DRIP_RATE_LIMIT": "0.05", "DRIP_LEASE_SECONDS": "15", "DRIP_SECRET_KEY": TEST_SECRET}
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env)
+    assert "one email every 20 s" in str(caught.value) and "DRIP_LEASE_SECONDS" in str(caught.value)

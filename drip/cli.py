@@ -971,7 +971,11 @@ def serve(app: App, host: str | None, port: int | None, workers: int | None) -> 
 
     settings = app.settings
     app.close()  # the server makes its own engine; the workers, their own connections
-    code = server.serve(settings, host=host, port=port, workers=workers, say=_say)
+    say = _say
+    if settings.log_format == "json":  # its first lines are log lines too, one object each
+        logs.configure(settings, process="serve")
+        say = _log_line
+    code = server.serve(settings, host=host, port=port, workers=workers, say=say)
     if code == INTERRUPTED:
         click.echo("interrupted", err=True)
     raise click.exceptions.Exit(code)
@@ -979,6 +983,15 @@ def serve(app: App, host: str | None, port: int | None, workers: int | None) -> 
 
 def _say(line: str) -> None:
     click.echo(line, err=True)
+
+
+def _log_line(line: str) -> None:
+    warning = line.removeprefix("warning: ")
+    serve_log = logging.getLogger("drip.serve")
+    if warning != line:
+        serve_log.warning("%s", warning)
+    else:
+        serve_log.info("%s", line)
 
 
 @cli.command()

@@ -25,6 +25,7 @@ from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
+from drip import logs
 from drip.errors import DripError, InputError
 from drip.settings import Settings
 from drip.web import create_app, database_problem, hide_tokens, schema_head, web_engine
@@ -130,10 +131,14 @@ class RedactingLogger(glogging.Logger):  # type: ignore[misc]
     """gunicorn's logger, its handlers filtered by TokenFilter; drip's own loggers (drip.web's
     unsubscribe lines, Flask's errors) write through the same handlers, at INFO."""
 
+    log_format = "text"  # DRIP_LOG_FORMAT: set on the subclass `options` makes
+
     def setup(self, cfg: Any) -> None:
         super().setup(cfg)
         handlers = [*self.error_log.handlers, *self.access_log.handlers]
         for handler in handlers:
+            if self.log_format == "json":  # one JSON object a line, as every drip process
+                handler.setFormatter(logs.formatter("json", "serve"))
             if not any(isinstance(f, TokenFilter) for f in handler.filters):
                 handler.addFilter(TokenFilter())
         drip = logging.getLogger("drip")
@@ -192,7 +197,7 @@ def _after_fork(server: Arbiter, worker: Any) -> None:
     app.extensions["drip"].reader.dispose(close=False)
 
 
-def options(host: str, port: int, workers: int) -> dict[str, Any]:
+def options(host: str, port: int, workers: int, log_format: str = "text") -> dict[str, Any]:
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return {
         "bind": [bind],
@@ -205,7 +210,7 @@ def options(host: str, port: int, workers: int) -> dict[str, Any]:
         "accesslog": "-",
         "errorlog": "-",
         "loglevel": "info",
-        "logger_class": RedactingLogger,
+        "logger_class": type("RedactingLogger", (RedactingLogger,), {"log_format": log_format}),
         "proc_name": "drip-serve",
     }
 
@@ -235,4 +240,5 @@ def serve(
         f"drip serve: http://{host}:{port} with {workers} worker(s); unsubscribe links in emails "
         f"point to {settings.public_url}; Ctrl-C stops"
     )
-    return Server(lambda: create_app(settings), options(host, port, workers)).serve()
+    gunicorn_options = options(host, port, workers, settings.log_format)
+    return Server(lambda: create_app(settings), gunicorn_options).serve()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import re
 import signal
@@ -342,6 +343,23 @@ def test_no_log_line_holds_a_token_or_a_public_id(
     assert re.search(r"patient \d+ unsubscribed \(one-click\)", logs)
     assert token not in logs and token.split(".")[0] not in logs and token.split(".")[1] not in logs
     assert "ana@example.com" not in logs and "Ana" not in logs and "Traceback" not in logs
+
+
+def test_under_drip_log_format_json_every_line_of_drip_serve_is_a_json_object_without_tokens(
+    env: dict[str, str], tmp_path: Path, patient: str
+) -> None:
+    token = patient.rsplit("/", 1)[1]
+    with serving(env | {"DRIP_LOG_FORMAT": "json"}, tmp_path / "json") as served:
+        served.get(patient)
+        served.post_form(patient, ONE_CLICK)
+        assert served.stop() == 0
+    lines = (tmp_path / "json" / "serve.err").read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # raises on any line that is not JSON
+    assert {r["service"] for r in records} == {"serve"}
+    messages = [r["message"] for r in records]
+    assert any('"POST /unsubscribe/… HTTP/1.1" 200' in m for m in messages)
+    assert any(re.search(r"patient \d+ unsubscribed", m) for m in messages)
+    assert token.split(".")[0] not in "\n".join(lines)
 
 
 def test_the_log_filter_hides_tokens_in_messages_and_tracebacks() -> None:

@@ -971,10 +971,7 @@ def serve(app: App, host: str | None, port: int | None, workers: int | None) -> 
 
     settings = app.settings
     app.close()  # the server makes its own engine; the workers, their own connections
-    say = _say
-    if settings.log_format == "json":  # its first lines are log lines too, one object each
-        logs.configure(settings, process="serve")
-        say = _log_line
+    say = _log_line if settings.log_format == "json" else _say  # JSON: one object a line
     code = server.serve(settings, host=host, port=port, workers=workers, say=say)
     if code == INTERRUPTED:
         click.echo("interrupted", err=True)
@@ -986,12 +983,11 @@ def _say(line: str) -> None:
 
 
 def _log_line(line: str) -> None:
+    """One of drip serve's first lines as a JSON log line (before gunicorn's logging starts)."""
     warning = line.removeprefix("warning: ")
-    serve_log = logging.getLogger("drip.serve")
-    if warning != line:
-        serve_log.warning("%s", warning)
-    else:
-        serve_log.info("%s", line)
+    level = logging.WARNING if warning != line else logging.INFO
+    record = logging.LogRecord("drip.serve", level, __file__, 0, warning, None, None)
+    click.echo(logs.formatter("json", "serve").format(record), err=True)
 
 
 @cli.command()

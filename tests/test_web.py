@@ -353,7 +353,7 @@ def test_under_drip_log_format_json_every_line_of_drip_serve_is_a_json_object_wi
         served.get(patient)
         served.post_form(patient, ONE_CLICK)
         assert served.stop() == 0
-    lines = (tmp_path / "json" / "serve.err").read_text().splitlines()
+    lines = served.logs().splitlines()  # the access log on stdout, the rest on stderr
     records = [json.loads(line) for line in lines]  # raises on any line that is not JSON
     assert {r["service"] for r in records} == {"serve"}
     messages = [r["message"] for r in records]

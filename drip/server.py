@@ -25,6 +25,7 @@ from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
+from drip import logs
 from drip.errors import DripError, InputError
 from drip.settings import Settings
 from drip.web import create_app, database_problem, hide_tokens, schema_head, web_engine
@@ -35,6 +36,9 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MOST_WORKERS = 8
 TIMEOUT = 30  # seconds a worker may spend on one request before gunicorn replaces it
 GRACEFUL_TIMEOUT = 10  # seconds requests in progress get to finish after SIGTERM
+WARNING = "warning: "
+
+log = logging.getLogger("drip.serve")
 
 
 def default_workers() -> int:
@@ -191,7 +195,9 @@ def _after_fork(server: Arbiter, worker: Any) -> None:
     app.extensions["drip"].engine.dispose(close=False)
 
 
-def options(host: str, port: int, workers: int) -> dict[str, Any]:
+def options(host: str, port: int, workers: int, settings: Settings) -> dict[str, Any]:
+    """gunicorn's settings; its logs (error, access, and every other logger) in
+    DRIP_LOG_FORMAT, through drip.logs."""
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return {
         "bind": [bind],
@@ -205,6 +211,7 @@ def options(host: str, port: int, workers: int) -> dict[str, Any]:
         "errorlog": "-",
         "loglevel": "info",
         "logger_class": RedactingLogger,
+        "logconfig_dict": logs.gunicorn_logconfig(settings),
         "proc_name": "drip-serve",
     }
 
@@ -217,7 +224,11 @@ def serve(
     workers: int | None,
     say: Callable[[str], None],
 ) -> int:
-    """Check, then run gunicorn until it is stopped; the exit code."""
+    """Check, then run gunicorn until it is stopped; the exit code. Under DRIP_LOG_FORMAT=json
+    what it says before gunicorn starts is a log line too (`warning: …` a warning)."""
+    if settings.log_format == "json":
+        logs.configure(settings, process="serve")
+        say = _log_line
     default_host, default_port = default_address(settings.public_url)
     host, port = host or default_host, port or default_port
     workers = workers or default_workers()
@@ -234,4 +245,11 @@ def serve(
         f"drip serve: http://{host}:{port} with {workers} worker(s); unsubscribe links in emails "
         f"point to {settings.public_url}; Ctrl-C stops"
     )
-    return Server(lambda: create_app(settings), options(host, port, workers)).serve()
+    return Server(lambda: create_app(settings), options(host, port, workers, settings)).serve()
+
+
+def _log_line(line: str) -> None:
+    if line.startswith(WARNING):
+        log.warning(line.removeprefix(WARNING))
+    else:
+        log.info(line)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import re
 import signal
@@ -343,6 +344,23 @@ def test_no_log_line_holds_a_token_or_a_public_id(
     assert token not in logs and token.split(".")[0] not in logs and token.split(".")[1] not in logs
     assert "ana@example.com" not in logs and "Ana" not in logs and "Traceback" not in logs
 
+
+
+def test_under_drip_log_format_json_every_line_drip_serve_writes_is_json_without_a_token(
+    env: dict[str, str], patient: str, tmp_path: Path
+) -> None:
+    token = patient.rsplit("/", 1)[1]
+    with serving(env | {"DRIP_LOG_FORMAT": "json"}, tmp_path / "json") as server:
+        server.post_form(patient, ONE_CLICK)
+        server.get(patient + "/nope")
+    lines = [line for line in server.logs().splitlines() if line.strip()]
+    parsed = [json.loads(line) for line in lines]  # ValueError names the first line that is not
+    assert {line["service"] for line in parsed} == {"serve"}
+    messages = [line["message"] for line in parsed]
+    assert any('"POST /unsubscribe/… HTTP/1.1" 200' in m for m in messages)
+    assert any(re.search(r"patient \d+ unsubscribed \(one-click\)", m) for m in messages)
+    assert any(line["level"] == "WARNING" and "not https" in line["message"] for line in parsed)
+    assert token not in server.logs() and token.split(".")[0] not in server.logs()
 
 def test_the_log_filter_hides_tokens_in_messages_and_tracebacks() -> None:
     secret = "/unsubscribe/abcdefghijklmnopqrstuv.ABCDEFGHIJKLMNOPQRSTUV"

@@ -770,6 +770,7 @@ def send_test(app: App, campaign: str, step: str, to: str, email: str | None) ->
     chosen.step(step)
     with app.transaction() as session:
         who = preview.recipient(session, email)
+        preview.refuse_suppressed(session, app.settings.secret_keys, to)
     with open_transport(app.settings.mail_url) as transport:
         sent = preview.send_test(app.settings, transport, chosen, step, who, to=to, now=app.now())
     with app.transaction() as session:

@@ -243,7 +243,7 @@ def enroll(
     checked = check_patient(fields, default_timezone=app.settings.clinic_timezone, now=planner.now)
     if isinstance(checked, list):
         raise DripError("cannot enrol:\n" + "\n".join(f"  {e}" for e in checked))
-    gate = _Gate(app, checked.email, check_reason(reason, "--reason") if reason else None)
+    gate = _Gate(app, checked.email, None if reason is None else check_reason(reason, "--reason"))
     counts = enrolment.enrol_retrying(
         app.transaction, planner, [checked], actor=app.actor, first=gate
     )

@@ -78,6 +78,11 @@ def test_every_variable_is_read() -> None:
         ("DRIP_PUBLIC_URL", "drip.example", "http/https"),
         ("DRIP_PUBLIC_URL", "https://drip.example/un subscribe", "without spaces"),
         ("DRIP_PUBLIC_URL", "https://klinik-bücher.example", "xn--"),
+        # the link is DRIP_PUBLIC_URL + /unsubscribe/<token>: after a ? or # no token reaches
+        # drip serve, and a > ends List-Unsubscribe's <…>
+        ("DRIP_PUBLIC_URL", "https://drip.example/?clinic=1", "no ? or #"),
+        ("DRIP_PUBLIC_URL", "https://drip.example/#top", "no ? or #"),
+        ("DRIP_PUBLIC_URL", "https://drip.example/a>,<https://evil.example", "no ? or #"),
         ("DRIP_FROM", "care@clinic.example", "display name"),
         ("DRIP_SEND_WINDOW", "9-5", "09:00-19:00"),
         ("DRIP_SEND_WINDOW", "19:00-09:00", "end after it starts"),
@@ -171,7 +176,9 @@ def test_several_secret_keys_the_first_signs_all_verify() -> None:
 
     settings = Settings.from_env({"DRIP_SECRET_KEY": f"{KEY_A}, {KEY_B}"})
     assert settings.secret_key == KEY_A and settings.secret_keys == (KEY_A, KEY_B)
-    assert read_token(settings.secret_keys, make_token(KEY_B, 5)) == 5
+    public_id = "AAAAAAAAAAAAAAAAAAAAAA"  # 22 characters, as drip.patients.new_public_id makes
+    assert read_token(settings.secret_keys, make_token(KEY_B, public_id)) == public_id
+    assert read_token(settings.secret_keys, make_token(KEY_A, public_id)) == public_id
     assert Settings.from_env({"DRIP_SECRET_KEY": "é" * 16}).secret_keys == ("é" * 16,)
 
 

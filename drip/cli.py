@@ -244,7 +244,7 @@ def enroll(
     checked = check_patient(fields, default_timezone=app.settings.clinic_timezone, now=planner.now)
     if isinstance(checked, list):
         raise DripError("cannot enrol:\n" + "\n".join(f"  {e}" for e in checked))
-    gate = _Gate(app, checked.email, check_reason(reason, "--reason") if reason else None)
+    gate = _Gate(app, checked.email, None if reason is None else check_reason(reason, "--reason"))
     counts = enrolment.enrol_retrying(
         app.transaction, planner, [checked], actor=app.actor, first=gate
     )
@@ -771,6 +771,7 @@ def send_test(app: App, campaign: str, step: str, to: str, email: str | None) ->
     chosen.step(step)
     with app.transaction() as session:
         who = preview.recipient(session, email)
+        preview.refuse_suppressed(session, app.settings.secret_keys, to)
     with open_transport(app.settings.mail_url) as transport:
         sent = preview.send_test(app.settings, transport, chosen, step, who, to=to, now=app.now())
     with app.transaction() as session:
@@ -971,8 +972,7 @@ def serve(app: App, host: str | None, port: int | None, workers: int | None) -> 
 
     settings = app.settings
     app.close()  # the server makes its own engine; the workers, their own connections
-    say = _log_line if settings.log_format == "json" else _say  # JSON: one object a line
-    code = server.serve(settings, host=host, port=port, workers=workers, say=say)
+    code = server.serve(settings, host=host, port=port, workers=workers, say=_say)
     if code == INTERRUPTED:
         click.echo("interrupted", err=True)
     raise click.exceptions.Exit(code)
@@ -982,12 +982,6 @@ def _say(line: str) -> None:
     click.echo(line, err=True)
 
 
-def _log_line(line: str) -> None:
-    """One of drip serve's first lines as a JSON log line (before gunicorn's logging starts)."""
-    warning = line.removeprefix("warning: ")
-    level = logging.WARNING if warning != line else logging.INFO
-    record = logging.LogRecord("drip.serve", level, __file__, 0, warning, None, None)
-    click.echo(logs.formatter("json", "serve").format(record), err=True)
 
 
 @cli.command()

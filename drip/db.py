@@ -300,8 +300,44 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Apply migrations up to `revision`."""
-    with engine.begin() as connection:
+    with migrating(engine) as connection:
         command.upgrade(alembic_config(connection), revision)
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    """Undo migrations down to `revision`."""
+    with migrating(engine) as connection:
+        command.downgrade(alembic_config(connection), revision)
+
+
+@contextmanager
+def migrating(engine: Engine) -> Iterator[Connection]:
+    """One transaction for a migration. On SQLite, foreign keys are not enforced meanwhile:
+    changing a column of a table that others reference (patients, in revision 0003) means
+    rebuilding it (copy, drop, rename), and dropping the old table under the enrolments that
+    point at it fails while they are (SQLite's own procedure for such changes turns them off
+    first; the pragma does nothing inside a transaction, so it is set before). Every reference
+    is checked before the commit, and enforcement is back on for whoever uses the connection
+    next."""
+    with engine.connect() as connection:
+        if engine.dialect.name != "sqlite":
+            with connection.begin():
+                yield connection
+            return
+        raw = connection.connection.dbapi_connection
+        assert raw is not None
+        raw.execute("PRAGMA foreign_keys=OFF")  # autocommit: no transaction has begun
+        try:
+            with connection.begin():
+                yield connection
+                broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+                if broken:
+                    raise DripError(
+                        f"the migration would leave {len(broken)} row(s) referring to rows that "
+                        f"do not exist (first: table {broken[0][0]}); nothing was changed"
+                    )
+        finally:
+            raw.execute("PRAGMA foreign_keys=ON")
 
 
 def schema_revision(engine: Engine) -> tuple[str | None, str | None]:

@@ -22,6 +22,7 @@ from drip.clock import iso
 from drip.errors import DripError, InputError
 from drip.models import (
     ACTIVE,
+    ENDED,
     FAILED,
     UNKNOWN,
     Delivery,
@@ -215,10 +216,12 @@ def _add(plan: RetryPlan, candidate: Candidate, why: str | None) -> None:
 def _why_not(row: Row[Any], now: datetime) -> str | None:
     if row.state not in RETRYABLE:
         return f"is {row.state}; only {', '.join(RETRYABLE)} deliveries can be retried"
+    if row.unsubscribed_at or row.suppressed_at:  # first: it ended the enrolment for good
+        return "the patient unsubscribed or the address is suppressed"
+    if row.status == ENDED:
+        return "its enrolment has ended; enrol the patient again to send them anything"
     if row.status != ACTIVE:
         return f"its enrolment is {row.status}; resume it first"
-    if row.unsubscribed_at or row.suppressed_at:
-        return "the patient unsubscribed or the address is suppressed"
     if row.expires_at is not None and row.expires_at < now:
         return "its step is past its age (its late policy): it would arrive too late to help"
     return None

@@ -27,7 +27,7 @@ from functools import cached_property
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import urlsplit
 
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
@@ -397,15 +397,29 @@ class SmtpProbe:
         self._steps.append("EHLO")
         encrypted = self.transport.tls == "implicit"
         if not encrypted:
-            problem = self._starttls(smtp)
+            problem = self._plain(smtp) if self.transport.tls == "none" else self._starttls(smtp)
             if problem is not None:
                 yield problem
                 if problem.severity == ERROR:
                     return
             encrypted = smtp.sock is not None and isinstance(smtp.sock, ssl.SSLSocket)
-        username, password = self._credentials()
-        if username is not None:
-            yield from self._login(smtp, username, password, encrypted)
+        if self.transport.credentials is not None:
+            username, password = self.transport.credentials
+            clear = self.transport.tls == "none"  # the operator's explicit choice, as it sends
+            yield from self._login(smtp, username, password, encrypted or clear)
+
+    def _plain(self, smtp: smtplib.SMTP) -> Problem | None:
+        """?tls=none: the transport never uses STARTTLS, even when offered, and sends the
+        password in plain text; the probe does the same, and warns only about the network."""
+        if _loopback(self.transport.host):
+            return None
+        return Problem(
+            "mail.unencrypted",
+            f"DRIP_MAIL_URL has ?tls=none: emails to {self.where}, with patients' names and "
+            "addresses (and the password, if any), cross the network unencrypted",
+            "drop ?tls=none unless the relay runs on this host or a network you trust",
+            WARNING,
+        )
 
     def _starttls(self, smtp: smtplib.SMTP) -> Problem | None:
         if smtp.has_extn("starttls"):
@@ -421,7 +435,7 @@ class SmtpProbe:
                 "use a server (or port, usually 587) that offers STARTTLS, or smtps:// for "
                 "implicit TLS (port 465)",
             )
-        if self._credentials()[0] is not None:
+        if self.transport.credentials is not None:
             return Problem(
                 "mail.auth-unencrypted",
                 f"{self.where} does not offer STARTTLS, and drip never sends DRIP_MAIL_URL's "
@@ -471,17 +485,10 @@ class SmtpProbe:
             "its certificate with ?cafile=/path/to/ca.pem",
         )
 
-    def _credentials(self) -> tuple[str | None, str]:
-        parts = urlsplit(self.url)
-        if parts.username is None:
-            return None, ""
-        return unquote(parts.username), unquote(parts.password or "")
-
     def _context(self) -> ssl.SSLContext:
-        if self.ssl_context is None:
-            cafile = dict(parse_qsl(urlsplit(self.url).query)).get("cafile")
-            self.ssl_context = ssl.create_default_context(cafile=cafile or None)
-        return self.ssl_context
+        """The transport's own (?cafile= as drip.transports.url loaded it, else the system's
+        store), unless a caller gave one."""
+        return self.ssl_context or self.transport.tls_context()
 
 
 def _quit(smtp: smtplib.SMTP) -> None:

@@ -278,11 +278,16 @@ def find_patient(session: Session, email: str) -> Patient:
 
 
 def open_enrolment(session: Session, patient: Patient, campaign: str | None) -> Enrolment:
-    """The patient's active or paused enrolment; --campaign picks one when there are several."""
+    """The patient's active or paused enrolment; --campaign picks one when there are several.
+
+    Locked until the caller's transaction ends (PostgreSQL; SQLite's write lock is held
+    already): a pause, resume or reschedule decides on the status it read, and an unsubscribe
+    ending the enrolment meanwhile must wait for it rather than be written over with `active`."""
     query = select(Enrolment).where(Enrolment.patient_id == patient.id, Enrolment.status != ENDED)
     if campaign:
         query = query.where(Enrolment.campaign == campaign)
-    found = list(session.scalars(query.order_by(Enrolment.id)))
+    query = query.order_by(Enrolment.id).with_for_update()
+    found = list(session.scalars(query.execution_options(populate_existing=True)))
     if not found:
         where = f" in {campaign!r}" if campaign else ""
         raise NotFound(f"patient {patient.id} is not enrolled{where}; see `drip timeline`")

@@ -182,13 +182,21 @@ def _headers(
         _date_header(date, date.utcoffset()),
         b"Message-ID: %s\r\n" % _header_value("Message-ID", message_id, "the message's id"),
         b"MIME-Version: 1.0\r\n",
-        b"List-Unsubscribe: <%s>\r\n"
-        % _header_value("List-Unsubscribe", unsubscribe_url, "the unsubscribe link"),
+        _list_unsubscribe(
+            _header_value("List-Unsubscribe", unsubscribe_url, "the unsubscribe link")
+        ),
         b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
     ]
     if delivery_id is not None:
         lines.append(b"X-Drip-Delivery: %d\r\n" % delivery_id)
     return b"".join(lines)
+
+
+def _list_unsubscribe(url: bytes) -> bytes:
+    """The header on one line when it fits in 78 characters, else folded after the colon
+    (RFC 5322 §2.2.3: a URL itself cannot be folded; RFC 2369 allows the break)."""
+    line = b"List-Unsubscribe: <%s>\r\n" % url
+    return line if len(line) <= 78 + 2 else b"List-Unsubscribe:\r\n <%s>\r\n" % url
 
 
 def _header_value(name: str, value: str, what: str) -> bytes:

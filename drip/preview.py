@@ -14,7 +14,7 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session
 
-from drip import events
+from drip import events, suppression
 from drip.campaigns import Campaign
 from drip.enrolment import find_patient
 from drip.errors import DeliveryError, InputError
@@ -69,10 +69,7 @@ def send_test(
     now: datetime,
 ) -> Composed:
     """Render for `who`, send to `to` with "[TEST] " before the subject; record nothing."""
-    try:
-        address = check_email(to)
-    except InputError as e:
-        raise InputError("--to", e.reason) from None
+    address = test_address(to)
     composed = compose(
         settings,
         Renderer(settings),
@@ -87,6 +84,26 @@ def send_test(
     except DeliveryError as e:
         raise DeliveryError(f"the test email was not sent: {e}; check DRIP_MAIL_URL") from e
     return composed
+
+
+def test_address(to: str) -> str:
+    """--to, checked as a patient's address is."""
+    try:
+        return check_email(to)
+    except InputError as e:
+        raise InputError("--to", e.reason) from None
+
+
+def refuse_suppressed(session: Session, keys: suppression.Keys, to: str) -> None:
+    """A suppressed address (a patient who unsubscribed, a bounce, `drip suppress`) gets no
+    email from drip, a test one included: InputError naming --to, never the address."""
+    entry = suppression.find(session, keys, test_address(to))
+    if entry is not None:
+        raise InputError(
+            "--to",
+            f"the address is {entry.describe()}: drip sends it nothing, not even a test; send "
+            "the test to another address",
+        )
 
 
 def record_test_sent(

@@ -36,6 +36,9 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MOST_WORKERS = 8
 TIMEOUT = 30  # seconds a worker may spend on one request before gunicorn replaces it
 GRACEFUL_TIMEOUT = 10  # seconds requests in progress get to finish after SIGTERM
+WARNING = "warning: "
+
+log = logging.getLogger("drip.serve")
 
 
 def default_workers() -> int:
@@ -131,14 +134,10 @@ class RedactingLogger(glogging.Logger):  # type: ignore[misc]
     """gunicorn's logger, its handlers filtered by TokenFilter; drip's own loggers (drip.web's
     unsubscribe lines, Flask's errors) write through the same handlers, at INFO."""
 
-    log_format = "text"  # DRIP_LOG_FORMAT: set on the subclass `options` makes
-
     def setup(self, cfg: Any) -> None:
         super().setup(cfg)
         handlers = [*self.error_log.handlers, *self.access_log.handlers]
         for handler in handlers:
-            if self.log_format == "json":  # one JSON object a line, as every drip process
-                handler.setFormatter(logs.formatter("json", "serve"))
             if not any(isinstance(f, TokenFilter) for f in handler.filters):
                 handler.addFilter(TokenFilter())
         drip = logging.getLogger("drip")
@@ -194,10 +193,11 @@ def _after_fork(server: Arbiter, worker: Any) -> None:
     (it makes none, but a pooled connection shared by two processes would corrupt both)."""
     app = server.app.wsgi()
     app.extensions["drip"].engine.dispose(close=False)
-    app.extensions["drip"].reader.dispose(close=False)
 
 
-def options(host: str, port: int, workers: int, log_format: str = "text") -> dict[str, Any]:
+def options(host: str, port: int, workers: int, settings: Settings) -> dict[str, Any]:
+    """gunicorn's settings; its logs (error, access, and every other logger) in
+    DRIP_LOG_FORMAT, through drip.logs."""
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return {
         "bind": [bind],
@@ -210,7 +210,8 @@ def options(host: str, port: int, workers: int, log_format: str = "text") -> dic
         "accesslog": "-",
         "errorlog": "-",
         "loglevel": "info",
-        "logger_class": type("RedactingLogger", (RedactingLogger,), {"log_format": log_format}),
+        "logger_class": RedactingLogger,
+        "logconfig_dict": logs.gunicorn_logconfig(settings),
         "proc_name": "drip-serve",
     }
 
@@ -223,7 +224,11 @@ def serve(
     workers: int | None,
     say: Callable[[str], None],
 ) -> int:
-    """Check, then run gunicorn until it is stopped; the exit code."""
+    """Check, then run gunicorn until it is stopped; the exit code. Under DRIP_LOG_FORMAT=json
+    what it says before gunicorn starts is a log line too (`warning: …` a warning)."""
+    if settings.log_format == "json":
+        logs.configure(settings, process="serve")
+        say = _log_line
     default_host, default_port = default_address(settings.public_url)
     host, port = host or default_host, port or default_port
     workers = workers or default_workers()
@@ -240,5 +245,11 @@ def serve(
         f"drip serve: http://{host}:{port} with {workers} worker(s); unsubscribe links in emails "
         f"point to {settings.public_url}; Ctrl-C stops"
     )
-    gunicorn_options = options(host, port, workers, settings.log_format)
-    return Server(lambda: create_app(settings), gunicorn_options).serve()
+    return Server(lambda: create_app(settings), options(host, port, workers, settings)).serve()
+
+
+def _log_line(line: str) -> None:
+    if line.startswith(WARNING):
+        log.warning(line.removeprefix(WARNING))
+    else:
+        log.info(line)

@@ -223,6 +223,13 @@ def _url(field: str, schemes: tuple[str, ...], example: str) -> Parser:
                     f"{name} must be ASCII without spaces (an international domain in its xn-- "
                     f"form, other characters %-encoded); set it like {example}"
                 )
+            # Links are this URL + /unsubscribe/<token>: after a ? or # the token never reaches
+            # drip serve, and <, > or " would end the List-Unsubscribe header's <…> early.
+            if parts.query or parts.fragment or any(c in raw for c in '?#<>"\\'):
+                raise ConfigError(
+                    f"{name} must be the base address of drip serve, with no ? or # and none of "
+                    f'< > " \\ (links add /unsubscribe/… to it); set it like {example}'
+                )
             return {field: raw.rstrip("/")}
         return {field: raw}
 

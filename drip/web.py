@@ -328,9 +328,26 @@ health = Blueprint("health", __name__)
 def healthz() -> Response:
     """200 `ok` when the database answers and has the schema this drip needs; else 503 and why."""
     problem = database_problem(web().engine, web().schema_head)
+    _note_health(problem)
     if problem is None:
         return Response("ok\n", 200, mimetype="text/plain")
+    if problem.startswith(UNREACHABLE):  # the driver's words (host, port, database) stay in the log
+        problem = f"{UNREACHABLE} (the reason is in drip serve's log)"
     return Response(f"{problem}\n", 503, mimetype="text/plain")
+
+
+UNREACHABLE = "database unreachable"
+_last_health: list[str | None] = [None]
+
+
+def _note_health(problem: str | None) -> None:
+    """Log the database's health when it changes (a load balancer asks every few seconds)."""
+    if problem != _last_health[0]:
+        if problem is not None:
+            log.warning("/healthz: %s", problem)
+        elif _last_health[0] is not None:
+            log.info("/healthz: the database answers again")
+        _last_health[0] = problem
 
 
 def database_problem(engine: Engine, head: str | None) -> str | None:
@@ -351,7 +368,7 @@ def database_problem(engine: Engine, head: str | None) -> str | None:
         finally:
             raw.close()
     except DATABASE_ERRORS as e:
-        return f"database unreachable: {reason(e)}"
+        return f"{UNREACHABLE}: {reason(e)}"
     if not current:
         return "database has no drip tables yet: run `drip db upgrade`"
     if current != [head]:

@@ -11,11 +11,11 @@ target_metadata = Base.metadata
 def run() -> None:
     connection = config.attributes.get("connection")
     if connection is None:  # plain `alembic` from a shell: use DRIP_DATABASE_URL
-        from drip.db import make_engine
+        from drip.db import make_engine, migrating
         from drip.settings import Settings
 
         engine = make_engine(Settings.from_env().database_url)
-        with engine.begin() as connection:
+        with migrating(engine) as connection:  # SQLite: foreign keys off while tables are rebuilt
             _migrate(connection)
         return
     _migrate(connection)

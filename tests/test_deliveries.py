@@ -78,6 +78,19 @@ def test_retry_refuses_a_paused_enrolment(drip: Drip, engine: Engine) -> None:
     assert result.exit_code == 1 and "resume it first" in result.stderr
 
 
+
+def test_retry_refuses_the_rows_of_a_patient_who_is_suppressed_and_says_so(
+    drip: Drip, engine: Engine
+) -> None:
+    setup(drip, engine)
+    assert drip("suppress", "ana@example.com", "--reason", "asked by phone").exit_code == 0
+    result = drip("retry", "1")
+    assert result.exit_code == 1 and state(engine, 1)[0] == "failed"
+    # why it cannot go, not "resume it first": an enrolment a suppression ended stays ended
+    assert "1: the patient unsubscribed or the address is suppressed" in result.stderr
+    by_state = drip("retry", "--state", "unknown")
+    assert "2: the patient unsubscribed" in by_state.output and state(engine, 2)[0] == "unknown"
+
 @pytest.mark.parametrize("big", ["2147483648", "9223372036854775808", "99999999999999999999999"])
 def test_retry_of_an_id_out_of_range_is_a_bad_id_and_retries_nothing(
     drip: Drip, engine: Engine, big: str

@@ -254,10 +254,46 @@ def test_the_probe_trusts_the_ca_that_the_url_s_cafile_names(tls_server: Served)
     """?cafile= (DRIP_MAIL_URL) names a private CA: the probe verifies the server with it."""
     server, _, cafile = tls_server
     url = f"smtp://drip:right@127.0.0.1:{server.port}?tls=required&cafile={cafile}"
-    transport = SMTPTransport("127.0.0.1", server.port, username="drip", password="right",
-                              tls="required")  # fmt: skip
+    transport = open_transport(url)
+    assert isinstance(transport, SMTPTransport)
     ctx = Context(Settings(), NOW)
     assert list(SmtpProbe(url, transport).run(ctx)) == []
+    assert "STARTTLS, AUTH" in ctx.notes["mail"]
+
+
+
+@pytest.mark.parametrize("offers_starttls", [True, False])
+def test_under_tls_none_the_probe_does_what_the_transport_does_no_starttls_and_auth_in_clear(
+    tmp_path: Path, offers_starttls: bool
+) -> None:
+    """A relay on this host with a certificate nobody trusts, used with ?tls=none (no TLS, the
+    password in plain text, by the operator's choice): the transport sends; the probe must not
+    say otherwise, nor try a STARTTLS the transport never would."""
+    pytest.importorskip("cryptography")
+    server_context, _ = self_signed_tls(tmp_path)
+    with CapturingServer(
+        tls_context=server_context if offers_starttls else None,
+        credentials=("drip", "right"),
+        auth_over_plain_text=True,
+    ) as server:
+        url = f"smtp://drip:right@127.0.0.1:{server.port}?tls=none"
+        with open_transport(url) as transport:
+            transport.send("clinic@example.com", "ana@example.com", b"Subject: x\r\n\r\nhi\r\n")
+        server.wait_for(1)
+        problems, ctx = probe(url)
+        verbs = [verb for verb, _ in server.commands]
+    assert [p.id for p in problems if p.severity == "error"] == []
+    assert "STARTTLS" not in verbs and server.logins == ["drip", "drip"]
+    assert "AUTH" in ctx.notes["mail"]
+
+
+def test_the_probe_loads_the_cafile_as_drip_mail_url_does_a_home_folder_included(
+    tls_server: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, _, cafile = tls_server
+    monkeypatch.setenv("HOME", str(cafile.parent))
+    problems, ctx = probe(f"smtp://drip:right@127.0.0.1:{server.port}?tls=required&cafile=~/cert.pem")
+    assert problems == []
     assert "STARTTLS, AUTH" in ctx.notes["mail"]
 
 

@@ -69,6 +69,15 @@ def parts(message: EmailMessage) -> tuple[str, str]:
     return text, html
 
 
+def test_a_long_list_unsubscribe_is_folded_after_its_colon_and_reads_back_whole() -> None:
+    base = "https://unsubscribe.lakeside-wellness-clinic.example/unsubscribe/"
+    long_url = base + "A" * 22 + "." + "B" * 22
+    raw = build(unsubscribe_url=long_url)
+    assert b"List-Unsubscribe:\r\n <https://" in raw
+    assert str(parse(raw)["List-Unsubscribe"]).strip() == f"<{long_url}>"  # the fold is blank
+    assert b"List-Unsubscribe: <%s>" % URL.encode() in build()  # a short one stays on one line
+
+
 def test_a_message_parses_strictly_with_every_header_drip_promises() -> None:
     message = parse(build())
     assert str(message["From"]) == FROM

@@ -85,3 +85,63 @@ def test_0003_gives_every_existing_patient_a_public_id_and_goes_down_again(
         )
     db.upgrade(engine)
     assert diff(engine) == []
+
+
+def _patients_with_emails_planned(engine: Engine) -> None:
+    """A database at 0002 as a clinic has it: patients, their enrolments and planned emails."""
+    with engine.begin() as conn:
+        for i in range(2):
+            patient_id = conn.execute(
+                text(
+                    "INSERT INTO patients (email, email_key, first_name, timezone, created_at) "
+                    "VALUES (:e, :e, 'P', 'UTC', :now) RETURNING id"
+                ),
+                {"e": f"p{i}@example.com", "now": NOW},
+            ).scalar_one()
+            enrolment_id = conn.execute(
+                text(
+                    "INSERT INTO enrolments (patient_id, campaign, status, enrolled_at) "
+                    "VALUES (:p, 'ketamine-onboarding', 'active', :now) RETURNING id"
+                ),
+                {"p": patient_id, "now": NOW},
+            ).scalar_one()
+            conn.execute(
+                text(
+                    "INSERT INTO deliveries (enrolment_id, step_key, state, due_at, attempts, "
+                    "created_at, updated_at) VALUES (:e, 'welcome', 'scheduled', :now, 0, :now, "
+                    ":now)"
+                ),
+                {"e": enrolment_id, "now": NOW},
+            )
+
+
+def _rows_and_orphans(engine: Engine) -> tuple[int, int, int]:
+    with engine.connect() as conn:
+        counts = conn.execute(
+            text(
+                "SELECT (SELECT count(*) FROM patients), (SELECT count(*) FROM enrolments), "
+                "(SELECT count(*) FROM enrolments e WHERE NOT EXISTS "
+                "(SELECT 1 FROM patients p WHERE p.id = e.patient_id))"
+            )
+        ).one()
+    return counts[0], counts[1], counts[2]
+
+
+def test_0003_goes_up_and_down_on_a_database_whose_patients_have_enrolments(
+    engine: Engine,
+) -> None:
+    # SQLite rebuilds the patients table (a new NOT NULL column, a unique constraint): with
+    # foreign keys enforced, dropping the old table under the enrolments that reference it failed.
+    db.downgrade(engine, "0002")
+    _patients_with_emails_planned(engine)
+    db.upgrade(engine)
+    assert diff(engine) == []
+    assert _rows_and_orphans(engine) == (2, 2, 0)
+    db.downgrade(engine, "0002")
+    assert _rows_and_orphans(engine) == (2, 2, 0)
+    db.upgrade(engine)
+    assert diff(engine) == []
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1  # on again
+            assert conn.execute(text("PRAGMA foreign_key_check")).all() == []

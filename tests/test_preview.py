@@ -255,6 +255,25 @@ def test_send_test_for_an_enrolled_patient_records_no_delivery(
     assert event.detail is not None and "@" not in event.detail
 
 
+
+def test_send_test_sends_nothing_to_an_address_that_is_suppressed(
+    drip: Drip, engine: Engine, enrol: Callable[[str], None]
+) -> None:
+    """A patient who unsubscribed gets no email of any kind, a test one included."""
+    enrol("ana@example.com")
+    assert drip("suppress", "Ana@Example.com", "--reason", "asked by phone").exit_code == 0
+    with CapturingServer() as server:
+        result = drip(
+            "send-test", CAMPAIGN, "welcome", "--to", "ANA@example.com",
+            "--email", "ana@example.com", env={"DRIP_MAIL_URL": f"smtp://127.0.0.1:{server.port}"},
+        )  # fmt: skip
+        assert result.exit_code == 1, result.output
+        assert server.connections == 0 and server.messages == []
+    assert "--to" in result.stderr and "suppressed since" in result.stderr
+    assert "ana@example.com" not in result.stderr.lower()
+    assert "Traceback" not in result.output
+    assert events(engine) == []
+
 def test_send_test_refuses_a_bad_address(drip: Drip, engine: Engine) -> None:
     result = drip("send-test", CAMPAIGN, "welcome", "--to", "not an address")
     assert result.exit_code == 1 and "--to" in result.stderr

@@ -333,6 +333,17 @@ def test_an_unsubscribed_patient_is_refused_and_resubscribe_needs_a_reason(
     assert "scheduled" in {state for state, _ in deliveries(engine).values()}
 
 
+
+@pytest.mark.parametrize("reason", ["", "   "])
+def test_resubscribe_with_an_empty_reason_is_refused_as_one_naming_the_reason(
+    drip: Drip, engine: Engine, reason: str
+) -> None:
+    ok(enrol(drip))
+    assert ok(drip("suppress", ANA)).stdout.startswith("suppressed (")
+    refused = enrol(drip, ANA, "--resubscribe", "--reason", reason)
+    assert refused.exit_code == 1 and "--reason: is empty" in refused.stderr
+    assert events(engine, "patient.resubscribed") == []
+
 def test_a_resubscribe_whose_enrolment_fails_lifts_nothing(
     drip: Drip, engine: Engine, settings: Settings
 ) -> None:

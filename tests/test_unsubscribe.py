@@ -329,6 +329,35 @@ def test_two_unsubscribes_at_once_on_postgresql_one_does_the_work_the_other_is_a
     assert kinds.count("patient.unsubscribed") == 1 and kinds.count("patient.suppressed") == 1
 
 
+
+@pytest.mark.parametrize("db_kind", ["postgresql"], indirect=True)
+def test_a_resume_that_loaded_the_enrolment_before_an_unsubscribe_cannot_reopen_it(
+    drip: Drip, engine: Engine, settings: Settings, env: dict[str, str]
+) -> None:
+    """`drip resume` reads the paused enrolment, the patient unsubscribes meanwhile (PostgreSQL,
+    read committed): the resume must not write `active` back over `ended`."""
+    from drip import enrolment
+    from drip.cli import App
+
+    enrol(drip)
+    assert drip("pause", ANA).exit_code == 0
+    link = token(engine)
+    planner = App(environ=env).planner("ketamine-onboarding", NOW)
+    done: dict[str, Unsubscribed | None] = {}
+    with db.transaction(engine) as session:
+        found = enrolment.find_patient(session, ANA)
+        paused = enrolment.open_enrolment(session, found, None)
+        unsubscribing = threading.Thread(target=lambda: done.update(u=run(engine, settings, link)))
+        unsubscribing.start()
+        wait_until(
+            lambda: "u" in done or waiting_for_a_lock(engine), "the unsubscribe to end or wait"
+        )
+        enrolment.resume(session, paused, planner, found.timezone, actor="cli:test")
+    unsubscribing.join()
+    with engine.connect() as c:
+        assert set(c.scalars(select(ENROLMENTS.c.status))) == {"ended"}
+    assert {state for state, _ in deliveries(engine).values()} == {"skipped"}
+
 def waiting_for_a_lock(engine: Engine) -> bool:
     with engine.connect() as c:
         return bool(

@@ -425,7 +425,7 @@ class SMTPTransport(_Closing):
         name, timeout = _local_hostname(), self.timeout
         if self.tls == "implicit":
             return smtplib.SMTP_SSL(
-                self.host, self.port, name, timeout=timeout, context=self._context()
+                self.host, self.port, name, timeout=timeout, context=self.tls_context()
             )
         return smtplib.SMTP(self.host, self.port, name, timeout=timeout)
 
@@ -444,7 +444,7 @@ class SMTPTransport(_Closing):
         if self.tls == "implicit":
             return True
         if self.tls != "none" and smtp.has_extn("starttls"):
-            smtp.starttls(context=self._context())
+            smtp.starttls(context=self.tls_context())
             smtp.ehlo_or_helo_if_needed()
             return True
         if self.tls == "required":
@@ -463,7 +463,13 @@ class SMTPTransport(_Closing):
         except smtplib.SMTPAuthenticationError as e:
             raise errors.login_refused(self._where, e) from None
 
-    def _context(self) -> ssl.SSLContext:
+    @property
+    def credentials(self) -> tuple[str, str] | None:
+        """DRIP_MAIL_URL's user and password, or None: what AUTH sends (drip doctor's probe)."""
+        return None if self._username is None else (self._username, self._password)
+
+    def tls_context(self) -> ssl.SSLContext:
+        """What the relay's certificate is verified with: ?cafile='s CA, else the system's."""
         if self._ssl_context is None:
             self._ssl_context = ssl.create_default_context()
         return self._ssl_context

@@ -145,6 +145,24 @@ class EmbeddedRedis:
         self.socket.unlink(missing_ok=True)
 
 
+REACH_SECONDS = 3.0  # how long a command waits to learn whether DRIP_BROKER_URL answers
+
+
+def require_reachable(broker_url: str, *, timeout: float = REACH_SECONDS) -> None:
+    """Refuse to start (BrokerError, naming the fix) when DRIP_BROKER_URL does not answer a PING
+    within `timeout`, instead of Celery retrying the connection for ever."""
+    from drip.urls import redact
+
+    try:
+        redis_client(broker_url, timeout=timeout).ping()
+    except (redis.RedisError, OSError) as e:
+        raise BrokerError(
+            f"Redis unreachable at {redact(broker_url)} ({type(e).__name__}: "
+            f"{redact(str(e)) or 'no answer'}); start Redis there, or fix DRIP_BROKER_URL "
+            "(unset, drip starts a private Redis of its own)"
+        ) from None
+
+
 @contextlib.contextmanager
 def broker(broker_url: str | None, var_dir: Path) -> Iterator[str]:
     """The broker URL to use for the life of a command: DRIP_BROKER_URL, or a private Redis."""

@@ -27,7 +27,7 @@ from sqlalchemy.exc import DatabaseError, IntegrityError
 from sqlalchemy.orm import Session
 
 from drip import __version__, csvimport, db, enrolment, logs, suppression
-from drip.broker import broker
+from drip.broker import broker, require_reachable
 from drip.campaigns import Campaign, campaign_slugs, load_all, load_campaign
 from drip.clock import parse_instant
 from drip.deliveries import RetryPlan, list_deliveries, plan_by_ids, plan_by_state
@@ -890,6 +890,8 @@ def worker(
             "link that patients can reach",
             app.settings.public_url,
         )
+    if app.settings.broker_url:
+        require_reachable(app.settings.broker_url)
     with broker(app.settings.broker_url, app.settings.var_dir) as url:
         db.require_current_schema(app.engine)
         app.require_clock_in_step()
@@ -927,6 +929,8 @@ def beat(app: App, loglevel: str) -> None:
     quiet = _celery_argv(app, "beat", loglevel)
     app.require_clock_in_step()
     app.close()
+    if app.settings.broker_url:
+        require_reachable(app.settings.broker_url)
     with broker(app.settings.broker_url, app.settings.var_dir) as url:
         private_folder(app.settings.var_dir)
         celery = tasks.configure(app.settings, url, process="beat")
@@ -951,6 +955,8 @@ def run(app: App, concurrency: int | None, metrics_port: int | None, metrics_hos
         check_listen(metrics_host, metrics_port)
     db.require_current_schema(app.engine)
     app.require_clock_in_step()
+    if app.settings.broker_url:
+        require_reachable(app.settings.broker_url)
     app.close()
     Supervisor(app.settings).run(worker_args)
 

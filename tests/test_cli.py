@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from drip.cli import App, cli
 from tests.conftest import TEST_SECRET
@@ -182,3 +184,18 @@ def test_a_name_typed_in_another_encoding_says_so() -> None:
     with pytest.raises(InputError) as caught:
         check_name(raw, "--first-name", required=True)
     assert "not UTF-8" in str(caught.value) and "0xE9" in str(caught.value)
+
+
+@pytest.mark.parametrize("command", ["worker", "beat", "run"])
+def test_worker_beat_and_run_refuse_an_unreachable_broker_at_once_naming_it_and_the_fix(
+    drip: Callable[..., Result], command: str
+) -> None:
+    """Not Celery's endless connection retries: one line, exit 1, within a few seconds."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]  # nothing listens once the socket is closed
+    url = f"redis://:s3cretPW@127.0.0.1:{closed}/0"
+    result = drip(command, env={"DRIP_BROKER_URL": url})
+    assert result.exit_code == 1, result.output
+    assert f"Redis unreachable at redis://:***@127.0.0.1:{closed}/0" in result.output
+    assert "fix DRIP_BROKER_URL" in result.output and "s3cretPW" not in result.output

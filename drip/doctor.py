@@ -37,7 +37,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from drip import db
 from drip.errors import DripError
-from drip.models import PATIENTS
+from drip.models import PATIENTS, SUPPRESSIONS
 from drip.permissions import FILE_MODE, FOLDER_MODE, loose
 from drip.settings import MAKE_KEY, Settings
 from drip.transports import open_transport
@@ -251,6 +251,30 @@ def patient_zones_known(ctx: Context) -> Iterator[Problem]:
                 " zones",
             )
     ctx.notes["zones"] = f"{len(zones)} zone(s) in use, all known"
+
+
+@check("suppressions", needs=("migrations",))
+def suppressions_matched(ctx: Context) -> Iterator[Problem]:
+    """Entries of the suppression list made under a key no longer in DRIP_SECRET_KEY match no
+    address any more: the people behind them could be enrolled and emailed again."""
+    from drip.suppression import key_id
+
+    known = {key_id(key) for key in ctx.settings.secret_keys}
+    with ctx.engine.connect() as connection:
+        by_key = connection.execute(
+            select(SUPPRESSIONS.c.key_id, func.count()).group_by(SUPPRESSIONS.c.key_id)
+        ).all()
+    lost = sum(count for key, count in by_key if key not in known)
+    if lost:
+        yield Problem(
+            "suppressions.key-missing",
+            f"{lost} suppression entr{'y' if lost == 1 else 'ies'} were made under a key that "
+            "is no longer in DRIP_SECRET_KEY, so they match no address: those people could be "
+            "enrolled and emailed again",
+            "put the old key back at the end of DRIP_SECRET_KEY (the first key signs, every "
+            "key verifies and matches)",
+        )
+    ctx.notes["suppressions"] = f"{sum(c for _, c in by_key)} entr(ies), all under known keys"
 
 
 # --- Redis and the processes behind it --------------------------------------------------------

@@ -16,7 +16,7 @@ from drip import doctor
 from drip.doctor import Check, Context, Problem, SmtpProbe
 from drip.settings import Settings
 from drip.transports import SMTPTransport, open_transport
-from tests.conftest import NOW
+from tests.conftest import NOW, TEST_SECRET
 from tests.smtp_servers import CapturingServer, closed_port, self_signed_tls
 from tests.test_pipeline import (  # noqa: F401 - fixtures
     Pipeline,
@@ -324,3 +324,17 @@ def test_a_healthy_set_up_is_exit_0_and_its_warnings_do_not_fail_it(
                            text=True, timeout=120)  # fmt: skip
     assert human.returncode == 0 and "0 problems, 1 warning" in human.stdout
     assert "ok       workers: 1 alive: w1@" in human.stdout
+
+
+def test_doctor_names_suppressions_made_under_a_key_dropped_from_drip_secret_key(
+    drip: Drip,
+) -> None:
+    """Dropping an old key silently lifts every suppression it made (the list holds hashes,
+    never addresses): doctor says so, and putting the key back at the end clears it."""
+    assert drip("suppress", "eve@example.com", "--reason", "manual").exit_code == 0
+    new_key = "a-brand-new-key-0123456789abcdefghijklmnop"
+    result, found = run_doctor(drip, DRIP_SECRET_KEY=new_key)
+    assert result.exit_code == 1
+    assert "1 suppression entry" in str(found["suppressions.key-missing"]["problem"])
+    _, found = run_doctor(drip, DRIP_SECRET_KEY=f"{new_key},{TEST_SECRET}")
+    assert found["suppressions"]["severity"] == "ok"

@@ -493,7 +493,10 @@ def test_two_tickers_at_once_never_claim_two_rows_of_one_patient(
     with engine.connect() as c:  # wait until the second ticker waits for the patient
         for _ in range(600):
             waiting = c.execute(
-                text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()"  # not another test process's waits
+                )
             ).scalar()
             if waiting or not thread.is_alive():
                 break

@@ -32,7 +32,34 @@ POSTGRES_ADMIN_URL = os.environ.get(
 TABLES = ("events", "deliveries", "enrolments", "patients", "suppressions")
 
 
+# The files that take longest (real workers, servers, wheels), started first so that the test
+# processes (scripts/test runs several, a file each at a time) finish together.
+LONGEST_FIRST = (
+    "test_web.py",
+    "test_unsubscribe_e2e.py",
+    "test_packaging.py",
+    "test_pipeline.py",
+    "test_promises.py",
+    "test_metrics.py",
+    "test_doctor.py",
+    "test_supervisor.py",
+    "test_status.py",
+    "test_logs.py",
+    "test_flower.py",
+    "test_ratelimit.py",
+    "test_operations.py",
+    "test_demo.py",
+    "test_compose.py",
+)
+
+
+def _started_at(item: pytest.Item) -> int:
+    name = item.path.name
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=_started_at)  # stable: the order within each file stays
     for item in items:
         callspec = getattr(item, "callspec", None)
         if callspec is not None and callspec.params.get("db_kind") == "postgresql":
